@@ -1,0 +1,138 @@
+"""Attention over the worker's paged KV cache, in torch (SDPA), for a batch that mixes decodes and prefill chunks.
+
+The flat batch holds decode tokens first (one per sequence), then the prefill chunks. Per-step metadata (slot
+indices, masks) is built once by `AttentionMetadata.build` and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class PagedKVCache:
+    """K and V of every layer in fixed-size blocks: [layers, 2, num_blocks * block_size, kv_heads, head_dim].
+
+    NOTE: slots are addressed flat (block * block_size + offset) so writes are one index_copy_ per layer and
+    reads one index_select, whatever the batch."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.data = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim,
+                                dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots [T]; k, v [T, Hkv, D]."""
+        self.data[layer, 0].index_copy_(0, slots, k)
+        self.data[layer, 1].index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [N] -> k, v [N, Hkv, D]."""
+        return self.data[layer, 0].index_select(0, slots), self.data[layer, 1].index_select(0, slots)
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first token of the chunk in the flat batch
+    end: int
+    context_start: int  # tokens of this sequence already in the cache before the chunk
+    prefix_slots: torch.Tensor | None  # [context_start + n] cache slots of the whole context (None if no prefix)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    num_decodes: int  # decode tokens occupy [0, num_decodes) of the flat batch
+    decode_slots: torch.Tensor | None  # [B, L] cache slots of each decode's context, padded to L
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where the key position is inside the context
+    prefills: list[PrefillChunk]
+
+    @classmethod
+    def build(cls, block_size: int, device: torch.device, slot_mapping: list[int],
+              decode_block_tables: list[list[int]], decode_context_lens: list[int],
+              prefills: list[tuple[int, int, int, list[int]]]) -> "AttentionMetadata":
+        """prefills: (start, end, context_start, block_table) per chunk, in flat-batch order."""
+        decode_slots = decode_mask = None
+        if decode_block_tables:
+            max_blocks = max(len(t) for t in decode_block_tables)
+            tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_block_tables], dtype=torch.int64)
+            offsets = torch.arange(block_size, dtype=torch.int64)
+            slots = (tables.unsqueeze(-1) * block_size + offsets).view(len(decode_block_tables), -1)  # [B, L]
+            lens = torch.tensor(decode_context_lens, dtype=torch.int64)
+            mask = torch.arange(slots.shape[1]).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+            decode_slots = slots.to(device, non_blocking=True)
+            decode_mask = mask.view(len(decode_block_tables), 1, 1, -1).to(device, non_blocking=True)
+        chunks = []
+        for start, end, context_start, table in prefills:
+            prefix = None
+            if context_start > 0:
+                total = context_start + (end - start)
+                pos = torch.arange(total, dtype=torch.int64)
+                table_t = torch.tensor(table, dtype=torch.int64)
+                prefix = (table_t[pos // block_size] * block_size + pos % block_size).to(device, non_blocking=True)
+            chunks.append(PrefillChunk(start, end, context_start, prefix))
+        return cls(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64).to(device, non_blocking=True),
+            num_decodes=len(decode_block_tables),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=chunks,
+        )
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D]; k, v [B, L, Hkv, D]; mask [B, 1, 1, L] -> [B, Hq * D].
+
+    NOTE: GQA without repeating K/V: the query heads of one KV group become the SDPA "query length" axis,
+    q [B, Hkv, G, D] against k [B, Hkv, L, D], so each K/V row is read once for its whole group."""
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(b, hq * d)  # [B, Hq * D]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_start: int,
+                      scale: float) -> torch.Tensor:
+    """q [n, Hq, D]; k, v [context_start + n, Hkv, D] (the whole context, new tokens last) -> [n, Hq * D]."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, tokens, D]
+    gqa = hq != hkv
+    if context_start == 0:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        # Query i sits at position context_start + i and sees keys 0..context_start + i.
+        qpos = torch.arange(n, device=q.device).unsqueeze(1) + context_start
+        mask = torch.arange(k.shape[0], device=q.device).unsqueeze(0) <= qpos  # [n, ctx]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1).reshape(n, hq * d)  # [n, Hq * D]
+
+
+def paged_attention(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Writes the new tokens' K/V into the cache, then attends. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+    cache.write(layer, meta.slot_mapping, k, v)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
+    nd = meta.num_decodes
+    if nd:
+        b, L = meta.decode_slots.shape
+        kc, vc = cache.gather(layer, meta.decode_slots.view(-1))  # [B * L, Hkv, D]
+        out[:nd] = decode_attention(q[:nd], kc.view(b, L, *kc.shape[1:]), vc.view(b, L, *vc.shape[1:]),
+                                    meta.decode_mask, scale)
+    for chunk in meta.prefills:
+        qs = q[chunk.start:chunk.end]
+        if chunk.prefix_slots is None:
+            ks, vs = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
+        else:
+            ks, vs = cache.gather(layer, chunk.prefix_slots)
+        out[chunk.start:chunk.end] = prefill_attention(qs, ks, vs, chunk.context_start, scale)
+    return out

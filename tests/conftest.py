@@ -1,0 +1,36 @@
+"""Shared fixtures: the embedded model, loaded once per test session where tests share it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# NOTE: 2-core machines: one torch thread per test process keeps parallel helpers (sidecar, servers) from
+# oversubscribing the cores. Tests that measure nothing do not need more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf():
+    from neoserve.model_files import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_model(embedded_gguf):
+    """transformers' own loading of the embedded GGUF: the reference for the model's numbers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(embedded_gguf.parent), gguf_file=embedded_gguf.name,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from neoserve.tokenizer import Tokenizer
+
+    return Tokenizer.load(None)
