@@ -47,3 +47,40 @@ class BlockManager:
         # NOTE: reversed so the most recently used blocks are handed out last (keeps tables of hot sequences warm).
         self._free.extend(reversed(seq.block_table))
         seq.block_table = []
+
+
+class CpuKVBudget:
+    """The scheduler's view of the sidecar's KV capacity: block counts per sequence, no block ids.
+
+    NOTE: the sidecar pages its own arena; mirroring its block size and count here lets the scheduler decide
+    placements without a round trip, and the sidecar's own CapacityError remains the backstop."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._blocks: dict[int, int] = {}  # seq_id -> blocks reserved
+        self._used = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.num_blocks - self._used
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self._used
+
+    def _needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - self._blocks.get(seq.seq_id, 0))
+
+    def can_reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        return self._needed(seq, num_tokens) <= self.num_free_blocks
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> None:
+        needed = self._needed(seq, num_tokens)
+        if needed > self.num_free_blocks:
+            raise RuntimeError(f"reserve: {needed} CPU blocks needed, {self.num_free_blocks} free")
+        self._blocks[seq.seq_id] = self._blocks.get(seq.seq_id, 0) + needed
+        self._used += needed
+
+    def free(self, seq: Sequence) -> None:
+        self._used -= self._blocks.pop(seq.seq_id, 0)

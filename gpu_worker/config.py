@@ -27,6 +27,10 @@ class EngineConfig(CliConfig):
     mode: str = flag("gpu-only", "where decode attention runs: gpu-only, cpu-all, or auto (NEO)", choices=MODES)
     cpu_kv_gib: float = flag(4.0, "KV cache in the cpu_attn sidecar, GiB")
     sidecar: str | None = flag(None, "control address of a running cpu_attn sidecar (default: spawn one if needed)")
+    cpu_attn_threads: int = flag(1, "threads of a sidecar the worker spawns (it pins itself to as many cores)")
+    latency_bound_ms: float | None = flag(None, "per-token latency bound the auto scheduler plans under "
+                                                "(CPU decodes past it wait, at most --max-cpu-wait-steps)")
+    max_cpu_wait_steps: int = flag(4, "most consecutive steps a CPU decode may be held back for balance")
     threads: int | None = flag(None, "torch threads of the worker (default: torch's choice)")
     seed: int = flag(0, "seed of the sampler for requests without a seed")
 
@@ -48,5 +52,11 @@ class EngineConfig(CliConfig):
             raise ValueError(f"gpu_kv_tokens must be >= block_size ({self.block_size}), got {self.gpu_kv_tokens}")
         if self.cpu_kv_gib <= 0:
             raise ValueError(f"cpu_kv_gib must be > 0, got {self.cpu_kv_gib}")
+        if self.cpu_attn_threads < 1:
+            raise ValueError(f"cpu_attn_threads must be >= 1, got {self.cpu_attn_threads}")
+        if self.latency_bound_ms is not None and self.latency_bound_ms <= 0:
+            raise ValueError(f"latency_bound_ms must be > 0, got {self.latency_bound_ms}")
+        if self.max_cpu_wait_steps < 0:
+            raise ValueError(f"max_cpu_wait_steps must be >= 0, got {self.max_cpu_wait_steps}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")

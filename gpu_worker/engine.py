@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gpu_worker.block_manager import BlockManager
+from gpu_worker.block_manager import BlockManager, CpuKVBudget
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_runner import ModelRunner
+from gpu_worker.pipeline_planner import PipelinePlanner
 from gpu_worker.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gpu_worker.sequence import KVLocation, Sequence, SequenceStatus
-from neoserve.errors import ValidationError
+from neoserve.errors import BackendUnavailableError, ValidationError
 from neoserve.outputs import FinishReason, RequestOutput
 from neoserve.sampling_params import SamplingParams, validate_prompt
 
@@ -27,7 +28,13 @@ class EngineStats:
     cpu_kv_bytes_used: int
     cpu_kv_bytes_total: int
     num_preemptions: int
+    num_swap_outs: int
+    num_swap_ins: int
     num_steps: int
+    num_pipelined_steps: int
+    num_cpu_decodes: int  # decode tokens whose attention ran in the sidecar, since start
+    num_decodes: int  # all decode tokens, since start
+    mode: str
 
 
 class LLMEngine:
@@ -37,11 +44,78 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size)
+        self.sidecar = None
+        self.cpu_budget = None
+        self.cpu_block_bytes = 0
+        planner = PipelinePlanner()
+        mode = config.mode
+        if mode != "gpu-only":
+            try:
+                self.sidecar = self._attach_sidecar()
+                planner = self._make_planner()
+            except BackendUnavailableError:
+                if config.sidecar is not None:
+                    raise
+                log.exception("no cpu_attn sidecar: serving gpu-only")
+                mode = "gpu-only"
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
-            self.block_manager)
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, mode=mode),
+            self.block_manager, self.cpu_budget, planner)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.num_pipelined_steps = 0
+        self.num_cpu_decodes = 0
+        self.num_decodes = 0
+
+    # --- the CPU side (NEO) ---------------------------------------------------------------------------------------
+    def _attach_sidecar(self):
+        from cpu_attn.config import AttnShape
+        from gpu_worker.sidecar_client import SidecarClient
+
+        mc = self.model_config
+        shape = AttnShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, scale=self.runner.model.scale)
+        if self.config.sidecar:
+            sidecar = SidecarClient.connect(self.config.sidecar, shape=shape, free_all_sequences=True)
+        else:
+            sidecar = SidecarClient.spawn(threads=self.config.cpu_attn_threads, kv_cache_gib=self.config.cpu_kv_gib,
+                                          shape=shape)
+        stats = sidecar.stats(per_sequence=False)
+        block_size = int(float(stats["kv_stats"].get("block_size", 0))) or 128
+        self.cpu_budget = CpuKVBudget(int(stats["blocks_total"]), block_size)
+        self.cpu_block_bytes = int(stats["bytes_total"]) // max(int(stats["blocks_total"]), 1)
+        self.runner.sidecar = sidecar
+        return sidecar
+
+    def _make_planner(self) -> PipelinePlanner:
+        cost = None
+        if self.config.mode == "auto":
+            from gpu_worker.perf_model import load_or_profile
+
+            cost = load_or_profile(self.runner, self.sidecar)
+        bound = self.config.latency_bound_ms / 1000 if self.config.latency_bound_ms else None
+        return PipelinePlanner(cost, latency_bound_s=bound, max_wait_steps=self.config.max_cpu_wait_steps)
+
+    def _on_sidecar_failure(self, error: Exception) -> None:
+        """The sidecar died: CPU-resident sequences lose their KV, so they are recomputed on the GPU, and the
+        engine serves gpu-only from here on (the supervisor restarts the worker with a new sidecar)."""
+        log.error("cpu_attn sidecar failed (%s): recomputing its sequences on the GPU, serving gpu-only", error)
+        sched = self.scheduler
+        out = SchedulerOutput()
+        for seq in [s for s in sched.running if s.location == KVLocation.CPU]:
+            sched._preempt(seq, out)
+        sched.config.mode = "gpu-only"
+        self.runner.sidecar = None
+        self.runner.release_all_sidecar_sequences()
+        try:
+            self.sidecar.close()
+        except Exception:  # it is dead already; closing is best effort
+            pass
+        self.sidecar = None
+
+    def close(self) -> None:
+        if self.sidecar is not None:
+            self.sidecar.close()
+            self.sidecar = None
 
     # --- requests -------------------------------------------------------------------------------------------------
     def validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -74,10 +148,22 @@ class LLMEngine:
     # --- the step -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.runner.release_sidecar_sequences(sched.preempted)
         outputs = [self._finish(seq, FinishReason.ERROR, error) for seq, error in sched.failed]
         if not sched.is_empty():
-            sampled = self.runner.execute(sched)
+            try:
+                sampled = self.runner.execute(sched)
+            except BackendUnavailableError as e:
+                if self.sidecar is None:
+                    raise
+                self._on_sidecar_failure(e)
+                # NOTE: nothing of this step is kept: GPU rows rewrite the same KV slots when rescheduled.
+                return outputs
             outputs += self._postprocess(sched, sampled)
+            num_cpu = len(sched.cpu_decodes_a) + len(sched.cpu_decodes_b)
+            self.num_cpu_decodes += num_cpu
+            self.num_decodes += num_cpu + len(sched.decodes)
+            self.num_pipelined_steps += sched.pipelined
         self.num_steps += 1
         return outputs
 
@@ -126,6 +212,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
         seq.finish_reason = reason
         self.scheduler.remove(seq)
+        self.runner.release_sidecar_sequences([seq])
         seq.status = SequenceStatus.FINISHED
         del self.requests[seq.request_id]
         return self._delta(seq, finished=True, error=error)
@@ -138,8 +225,14 @@ class LLMEngine:
             num_cpu_sequences=sum(1 for s in running if s.location == KVLocation.CPU),
             gpu_kv_blocks_used=self.block_manager.num_used_blocks,
             gpu_kv_blocks_total=self.block_manager.num_blocks,
-            cpu_kv_bytes_used=0,
-            cpu_kv_bytes_total=0,
+            cpu_kv_bytes_used=self.cpu_budget.num_used_blocks * self.cpu_block_bytes if self.cpu_budget else 0,
+            cpu_kv_bytes_total=self.cpu_budget.num_blocks * self.cpu_block_bytes if self.cpu_budget else 0,
             num_preemptions=self.scheduler.num_preemptions,
+            num_swap_outs=self.scheduler.num_swap_outs,
+            num_swap_ins=self.scheduler.num_swap_ins,
             num_steps=self.num_steps,
+            num_pipelined_steps=self.num_pipelined_steps,
+            num_cpu_decodes=self.num_cpu_decodes,
+            num_decodes=self.num_decodes,
+            mode=self.scheduler.config.mode,
         )

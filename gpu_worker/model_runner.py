@@ -12,7 +12,7 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.model.llama import LlamaModel
 from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
-from gpu_worker.scheduler import SchedulerOutput
+from gpu_worker.scheduler import ScheduledSeq, SchedulerOutput
 from gpu_worker.sequence import Sequence
 from neoserve.outputs import TokenLogprob
 
@@ -68,8 +68,10 @@ class ModelRunner:
         self.num_gpu_blocks = self._num_kv_blocks()
         self.kv_cache = PagedKVCache(mc.num_layers, self.num_gpu_blocks, self.block_size, mc.num_kv_heads,
                                      mc.head_dim, self.dtype, self.device)
-        self.sampler = Sampler()
         self.global_generator = make_generator(config.seed, self.device)
+        self.sampler = Sampler(generator=self.global_generator)  # unseeded rows share one draw per step
+        self.sidecar = None  # SidecarClient, attached by the engine when a mode places KV on the CPU
+        self._on_sidecar: set[int] = set()  # sequences whose KV the sidecar holds
         log.info("model %s on %s (%s): %d layers, KV cache %d blocks x %d tokens, context %d", mc.name or mc.architecture,
                  self.device, self.dtype, mc.num_layers, self.num_gpu_blocks, self.block_size, self.max_model_len)
 
@@ -98,36 +100,63 @@ class ModelRunner:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def _slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end, dtype=torch.int64)
+        blocks = torch.tensor(table, dtype=torch.int64)[pos // self.block_size]
+        return (blocks * self.block_size + pos % self.block_size).to(self.device)  # [end - start]
+
+    # --- KV migrations between the device cache and the sidecar ----------------------------------------------------
+    def migrate(self, sched: SchedulerOutput) -> None:
+        """Swap-outs first (their old blocks may be handed to swap-ins of the same step), then swap-ins."""
+        if not sched.swap_out and not sched.swap_in:
+            return
+        sidecar = self._require_sidecar()
+        for seq, table in sched.swap_out:
+            n = seq.num_computed_tokens
+            slots = self._slots(table, 0, n)
+            sidecar.create_sequences([seq.seq_id])
+            self._on_sidecar.add(seq.seq_id)
+            tickets = []
+            for layer in range(self.model_config.num_layers):
+                k, v = self.kv_cache.gather(layer, slots)  # [n, Hkv, D] each
+                tickets += sidecar.upload_kv(seq.seq_id, layer, 0, k, v, wait=False)
+            for t in tickets:
+                sidecar.wait(t)
+        for seq in sched.swap_in:
+            n = seq.num_computed_tokens
+            slots = self._slots(seq.block_table, 0, n)
+            for layer in range(self.model_config.num_layers):
+                k, v = sidecar.download_kv(seq.seq_id, layer, 0, n)  # [n, Hkv, D] each
+                self.kv_cache.write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+            sidecar.free_sequences([seq.seq_id])
+            self._on_sidecar.discard(seq.seq_id)
+
+    def release_sidecar_sequences(self, seqs: list[Sequence]) -> None:
+        """Frees the sidecar KV of finished or preempted sequences."""
+        ids = [s.seq_id for s in seqs if s.seq_id in self._on_sidecar]
+        if ids and self.sidecar is not None:
+            self.sidecar.free_sequences(ids)
+        self._on_sidecar.difference_update(ids)
+
+    def release_all_sidecar_sequences(self) -> None:
+        self._on_sidecar.clear()
+
+    def _require_sidecar(self):
+        if self.sidecar is None:
+            raise RuntimeError("a CPU placement was scheduled but the worker has no sidecar")
+        return self.sidecar
+
+    # --- the step ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_tables, decode_lens = [], []
-        for s in sched.decodes:
-            seq, pos = s.seq, s.seq.num_computed_tokens
-            input_ids.append(seq.last_token_id())
-            positions.append(pos)
-            slots.append(self._slot(seq, pos))
-            decode_tables.append(seq.block_table)
-            decode_lens.append(pos + 1)
-        prefills = []
-        for s in sched.prefills:
-            seq, c0, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
-            start = len(input_ids)
-            input_ids += seq.token_ids(c0, c0 + n)
-            positions += range(c0, c0 + n)
-            slots += [self._slot(seq, p) for p in range(c0, c0 + n)]
-            prefills.append((start, start + n, c0, seq.block_table))
+        self.migrate(sched)
+        a = _FlatBatch.build(self, sched.cpu_decodes_a, sched.decodes, sched.prefills)
+        b = _FlatBatch.build(self, sched.cpu_decodes_b, [], [])
+        if b.num_tokens:
+            hidden = torch.cat([*self._forward_pipelined(a, b)])  # [S_a + S_b, hidden]
+        else:
+            hidden = self._forward(a)
         sampling = [s for s in sched.scheduled if s.samples]
-        # Last token of each chunk, in sched.scheduled order (decodes first, then prefills), kept if it samples.
-        ends = list(range(1, len(sched.decodes) + 1)) + [end for _, end, _, _ in prefills]
-        sample_rows = [end - 1 for s, end in zip(sched.scheduled, ends) if s.samples]
-
-        meta = AttentionMetadata.build(self.block_size, self.device, slots, decode_tables, decode_lens, prefills)
-        ids_t = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)  # [T]
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)  # [T]
-        hidden = self._forward(ids_t, pos_t, meta, sample_rows)  # [S, hidden]
         if not sampling:
             return []
         logits = self.model.logits(hidden)  # [S, V]
@@ -136,7 +165,7 @@ class ModelRunner:
             params=[q.params for q in seqs],
             prompt_token_ids=[q.prompt_token_ids for q in seqs],
             output_token_ids=[q.output_token_ids for q in seqs],
-            generators=[q.generator or self.global_generator for q in seqs],
+            generators=[q.generator for q in seqs],
             vocab_size=self.model_config.vocab_size,
             eos_token_ids=self.model_config.eos_token_ids,
             device=self.device,
@@ -144,21 +173,65 @@ class ModelRunner:
         out = self.sampler(logits, batch)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 keep_rows: list[int]) -> torch.Tensor:
+    def _attend(self, layer: int, batch: "_FlatBatch", q, k, v) -> tuple[torch.Tensor, int | None]:
+        """Device attention for the GPU rows; the CPU rows (first batch.num_cpu) go to the sidecar.
+        Returns the output with the CPU rows still to fill, and the sidecar ticket for them."""
+        nc = batch.num_cpu
+        ticket = None
+        if nc:
+            # NOTE: submitted before the device attention is launched, so the sidecar works while the device does.
+            ticket = self.sidecar.submit_attention(layer, batch.cpu_seq_ids, batch.cpu_context_lens,
+                                                   q[:nc], k[:nc], v[:nc])
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
+        if batch.num_tokens > nc:
+            out[nc:] = paged_attention(self.kv_cache, layer, q[nc:], k[nc:], v[nc:], batch.meta, self.model.scale)
+        return out, ticket
+
+    def _collect(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
+        if ticket is not None:
+            out[:nc] = self.sidecar.wait(ticket).view(nc, -1).to(out.device, out.dtype)
+        return out
+
+    def _forward(self, batch: "_FlatBatch") -> torch.Tensor:
         model = self.model
-        x = model.embed(ids)  # [T, hidden]
-        rope = model.rope_tables(positions)
+        x = model.embed(batch.ids)  # [T, hidden]
         last = model.num_layers - 1
         for i in range(model.num_layers):
-            q, k, v = model.pre_attention(i, x, rope)
-            attn = paged_attention(self.kv_cache, i, q, k, v, meta, model.scale)  # [T, Hq * D]
+            q, k, v = model.pre_attention(i, x, batch.rope)
+            attn, ticket = self._attend(i, batch, q, k, v)
+            attn = self._collect(ticket, attn, batch.num_cpu)  # [T, Hq * D]
             if i == last:
                 # NOTE: only the sampled rows feed the logits: skip the last layer's MLP for every other token.
-                rows = torch.tensor(keep_rows, dtype=torch.int64, device=x.device)
-                x, attn = x.index_select(0, rows), attn.index_select(0, rows)
+                x, attn = x.index_select(0, batch.keep_rows), attn.index_select(0, batch.keep_rows)
             x = model.post_attention(i, x, attn)
         return x  # [len(keep_rows), hidden]
+
+    def _forward_pipelined(self, a: "_FlatBatch", b: "_FlatBatch") -> tuple[torch.Tensor, torch.Tensor]:
+        """NEO's asymmetric pipeline: per layer the sidecar computes B's attention while the device runs A, and A's
+        CPU rows while the device runs B. b holds CPU decodes only."""
+        model = self.model
+        last = model.num_layers - 1
+        xa = model.embed(a.ids) if a.num_tokens else None  # [Ta, hidden]
+        xb = model.embed(b.ids)  # [Tb, hidden]
+        ticket_b = None
+        for i in range(model.num_layers):
+            if xa is not None:
+                qa, ka, va = model.pre_attention(i, xa, a.rope)
+                attn_a, ticket_a = self._attend(i, a, qa, ka, va)
+            if ticket_b is not None:
+                attn_b = self._collect(ticket_b, attn_b, b.num_cpu)
+                xb = model.post_attention(i - 1, xb, attn_b)
+            qb, kb, vb = model.pre_attention(i, xb, b.rope)
+            attn_b, ticket_b = self._attend(i, b, qb, kb, vb)
+            if xa is not None:
+                attn_a = self._collect(ticket_a, attn_a, a.num_cpu)
+                if i == last:
+                    xa, attn_a = xa.index_select(0, a.keep_rows), attn_a.index_select(0, a.keep_rows)
+                xa = model.post_attention(i, xa, attn_a)
+        attn_b = self._collect(ticket_b, attn_b, b.num_cpu)
+        xb = model.post_attention(last, xb, attn_b)
+        return (xa if xa is not None else xb[:0]), xb
+
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -172,5 +245,67 @@ class ModelRunner:
         slots = [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(n)]
         meta = AttentionMetadata.build(self.block_size, self.device, slots, [], [], [(0, n, 0, table)])
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        hidden = self._forward(ids, torch.arange(n, device=self.device), meta, list(range(n)))
-        return self.model.logits(hidden)
+        batch = _FlatBatch(ids=ids, rope=self.model.rope_tables(torch.arange(n, device=self.device)), meta=meta,
+                           keep_rows=torch.arange(n, device=self.device), num_cpu=0, cpu_seq_ids=[],
+                           cpu_context_lens=[])
+        return self.model.logits(self._forward(batch))
+
+
+@dataclass
+class _FlatBatch:
+    """One sub-batch laid out flat: [CPU decodes | GPU decodes | prefill chunks]."""
+
+    ids: torch.Tensor  # [T]
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, D]
+    meta: AttentionMetadata | None  # device attention of the GPU rows (None when there are none)
+    keep_rows: torch.Tensor  # rows whose last-layer output is sampled
+    num_cpu: int
+    cpu_seq_ids: list[int]
+    cpu_context_lens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    @classmethod
+    def build(cls, runner: ModelRunner, cpu: list[ScheduledSeq], decodes: list[ScheduledSeq],
+              prefills: list[ScheduledSeq]) -> "_FlatBatch":
+        ids: list[int] = []
+        positions: list[int] = []
+        for s in cpu:
+            ids.append(s.seq.last_token_id())
+            positions.append(s.seq.num_computed_tokens)
+        slots: list[int] = []
+        tables, lens = [], []
+        for s in decodes:
+            seq, pos = s.seq, s.seq.num_computed_tokens
+            ids.append(seq.last_token_id())
+            positions.append(pos)
+            slots.append(runner._slot(seq, pos))
+            tables.append(seq.block_table)
+            lens.append(pos + 1)
+        chunks = []
+        for s in prefills:
+            seq, c0, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            start = len(ids) - len(cpu)  # offsets within the GPU rows
+            ids += seq.token_ids(c0, c0 + n)
+            positions += range(c0, c0 + n)
+            slots += [runner._slot(seq, p) for p in range(c0, c0 + n)]
+            chunks.append((start, start + n, c0, seq.block_table))
+        meta = None
+        if decodes or prefills:
+            meta = AttentionMetadata.build(runner.block_size, runner.device, slots, tables, lens, chunks)
+        # Last token of each chunk, kept if it samples.
+        ends = list(range(1, len(cpu) + len(decodes) + 1)) + [len(cpu) + end for _, end, _, _ in chunks]
+        keep = [end - 1 for s, end in zip(cpu + decodes + prefills, ends) if s.samples]
+        dev = runner.device
+        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
+        return cls(
+            ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+            rope=runner.model.rope_tables(pos_t),
+            meta=meta,
+            keep_rows=torch.tensor(keep, dtype=torch.int64).to(dev, non_blocking=True),
+            num_cpu=len(cpu),
+            cpu_seq_ids=[s.seq.seq_id for s in cpu],
+            cpu_context_lens=[s.seq.num_computed_tokens + 1 for s in cpu],
+        )

@@ -1,0 +1,163 @@
+"""The performance model the NEO scheduler plans with, profiled once per (model, dtype, device, threads) at
+start-up and cached in a JSON file.
+
+It predicts, for one whole forward (all layers):
+- gpu_time(tokens, context): projections + MLP of `tokens` tokens on the worker device (interpolated between
+  profiled batch sizes) plus device decode attention per context token;
+- cpu_time(batch, context): sidecar decode attention, measured through the real rings, so the host<->device copies
+  and the ring round trip are in it; plus the device<->host transfer of q/k/v/out per sequence, profiled
+  separately (NEO leaves PCIe time out of its model; we do not).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gpu_worker.attention import decode_attention
+
+log = logging.getLogger(__name__)
+
+LINEAR_POINTS = (1, 8, 32, 128, 512)
+PROFILE_SEQ_ID_BASE = 2**62  # sequence ids no request uses
+FORMAT_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEOSERVE_CACHE_DIR", Path.home() / ".cache" / "neoserve")) / "perf_model"
+
+
+@dataclass
+class PerfModel:
+    key: str
+    linear: list[tuple[int, float]]  # (tokens, seconds) for all layers' projections and MLP
+    gpu_attn_per_token: float  # seconds per context token, all layers
+    cpu_attn_base: float  # seconds per sidecar call, all layers
+    cpu_attn_per_token: float  # seconds per context token, all layers
+    transfer_per_byte: float  # device <-> pinned host copy
+    bytes_per_cpu_seq: int  # q, k, v in and attention out per sequence, all layers
+
+    def gpu_time(self, num_tokens: int, context_tokens: int) -> float:
+        if num_tokens <= 0:
+            return 0.0
+        xs = [p[0] for p in self.linear]
+        i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
+        (x0, y0), (x1, y1) = self.linear[i - 1], self.linear[i]
+        linear = y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)  # extrapolates linearly past the last point
+        return max(linear, 0.0) + context_tokens * self.gpu_attn_per_token
+
+    def cpu_time(self, batch: int, context_tokens: int) -> float:
+        if batch <= 0:
+            return 0.0
+        return (self.cpu_attn_base + context_tokens * self.cpu_attn_per_token
+                + batch * self.bytes_per_cpu_seq * self.transfer_per_byte)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": FORMAT_VERSION, **asdict(self)}))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PerfModel | None":
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if data.pop("version", None) != FORMAT_VERSION:
+            return None
+        data["linear"] = [tuple(p) for p in data["linear"]]
+        return cls(**data)
+
+
+def _timed(fn, device: torch.device, reps: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def profile(runner, sidecar) -> PerfModel:
+    """Measures the running worker (runner: ModelRunner) and its sidecar (SidecarClient)."""
+    model, mc, dev, dtype = runner.model, runner.model_config, runner.device, runner.dtype
+    layers = mc.num_layers
+    linear = []
+    for t in LINEAR_POINTS:
+        x = torch.randn(t, mc.hidden_size, device=dev, dtype=dtype)
+        attn = torch.randn(t, mc.q_size, device=dev, dtype=dtype)
+        rope = model.rope_tables(torch.arange(t, device=dev))
+
+        def one_layer():
+            model.pre_attention(0, x, rope)
+            model.post_attention(0, x, attn)
+        linear.append((t, _timed(one_layer, dev) * layers))
+
+    b, ctx = 8, 512
+    q = torch.randn(b, mc.num_heads, mc.head_dim, device=dev, dtype=dtype)
+    kv = torch.randn(b, ctx, mc.num_kv_heads, mc.head_dim, device=dev, dtype=dtype)
+    mask = torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=dev)
+    gpu_attn = _timed(lambda: decode_attention(q, kv, kv, mask, model.scale), dev) * layers / (b * ctx)
+
+    ids = [PROFILE_SEQ_ID_BASE + i for i in range(4)]
+    sidecar.create_sequences(ids)
+    try:
+        k = torch.randn(ctx, mc.num_kv_heads, mc.head_dim)
+        for s in ids:
+            sidecar.upload_kv(s, 0, 0, k, k)
+        q_cpu = torch.randn(4, mc.num_heads, mc.head_dim)
+        t1 = _timed(lambda: sidecar.attention(0, ids[:1], [ctx], q_cpu[:1]), torch.device("cpu"), reps=5)
+        t4 = _timed(lambda: sidecar.attention(0, ids, [ctx] * 4, q_cpu), torch.device("cpu"), reps=5)
+    finally:
+        sidecar.free_sequences(ids)
+    per_token = max(t4 - t1, 1e-9) / (3 * ctx)
+    base = max(t1 - ctx * per_token, 0.0)
+
+    nbytes = 16 << 20
+    src = torch.empty(nbytes // 4, device=dev)
+    dst = torch.empty(nbytes // 4, pin_memory=dev.type == "cuda")
+    transfer = _timed(lambda: dst.copy_(src, non_blocking=False), dev) / nbytes
+    per_seq = (2 * mc.q_size + 2 * mc.kv_size) * 4 * layers
+    return PerfModel(key=profile_key(runner, sidecar), linear=linear, gpu_attn_per_token=gpu_attn,
+                     cpu_attn_base=base * layers, cpu_attn_per_token=per_token * layers,
+                     transfer_per_byte=transfer, bytes_per_cpu_seq=per_seq)
+
+
+def profile_key(runner, sidecar) -> str:
+    mc = runner.model_config
+    dev = torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu"
+    shape = f"{mc.architecture}-L{mc.num_layers}-H{mc.hidden_size}-I{mc.intermediate_size}-h{mc.num_heads}-" \
+            f"kv{mc.num_kv_heads}-d{mc.head_dim}-V{mc.vocab_size}"
+    threads = f"t{torch.get_num_threads()}-s{getattr(sidecar, 'threads', 0)}"
+    return "_".join(x.replace(" ", "-").replace("/", "-") for x in (shape, str(runner.dtype), dev, threads))
+
+
+def load_or_profile(runner, sidecar) -> PerfModel:
+    path = cache_dir() / f"{profile_key(runner, sidecar)}.json"
+    cached = PerfModel.load(path)
+    if cached is not None:
+        log.info("performance model from %s", path)
+        return cached
+    t0 = time.perf_counter()
+    model = profile(runner, sidecar)
+    try:
+        model.save(path)
+    except OSError as e:  # a read-only home is no reason to fail start-up
+        log.warning("could not cache the performance model at %s: %s", path, e)
+    log.info("profiled the performance model in %.1f s", time.perf_counter() - t0)
+    return model

@@ -1,0 +1,74 @@
+"""NEO placement end to end with the real cpu_attn sidecar process: the output must not depend on where KV lives.
+
+gpu-only is checked against transformers in test_engine_vs_transformers; here cpu-all is too, and every mode must
+give the same greedy tokens, including sequences that migrate GPU -> CPU -> GPU mid-generation.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.engine import LLMEngine
+from neoserve.sampling_params import SamplingParams
+from tests.test_engine_vs_transformers import _hf_greedy
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    chats = ["What is the capital of France?", "Name three colors.", "Count to five.", "Tell me a joke about cats.",
+             "Why is the sky blue?", "Write a short poem about the sea."]
+    out = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": c}])) for c in chats]
+    out.append(tokenizer.encode("Once upon a time, in a distant kingdom, " * 12))
+    return out
+
+
+def _run(config: EngineConfig, prompts, stagger: int = 2) -> tuple[list[list[int]], object]:
+    engine = LLMEngine(config)
+    try:
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        tokens = {str(i): [] for i in range(len(prompts))}
+        step = 0
+        while step // stagger < len(prompts) or engine.has_unfinished():
+            if step % stagger == 0 and step // stagger < len(prompts):
+                i = step // stagger
+                engine.add_request(str(i), prompts[i], params)
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            step += 1
+        stats = engine.stats()
+        assert stats.gpu_kv_blocks_used == 0 and stats.cpu_kv_bytes_used == 0
+        if engine.sidecar is not None:
+            sc = engine.sidecar.stats(per_sequence=False)
+            assert sc["num_sequences"] == 0 and sc["blocks_used"] == 0, "sidecar KV leaked"
+        return [tokens[str(i)] for i in range(len(prompts))], stats
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def gpu_only(prompts):
+    return _run(EngineConfig(mode="gpu-only", threads=1), prompts)[0]
+
+
+def test_cpu_all_matches_transformers(prompts, hf_model, gpu_only):
+    tokens, stats = _run(EngineConfig(mode="cpu-all", threads=1, cpu_kv_gib=0.25), prompts)
+    assert stats.num_swap_outs == len(prompts)
+    assert stats.num_cpu_decodes == stats.num_decodes > 0, "every decode must run in the sidecar"
+    assert stats.num_pipelined_steps > 0, "the two-sub-batch pipeline never ran"
+    for i in (0, len(prompts) - 1):
+        assert tokens[i] == _hf_greedy(hf_model, prompts[i], NEW_TOKENS)
+    assert tokens == gpu_only
+
+
+def test_auto_with_tiny_gpu_budget_migrates_and_matches(prompts, gpu_only):
+    """Room for ~3 sequences on the GPU: the rest decode on the CPU and come back as blocks free up."""
+    tokens, stats = _run(EngineConfig(mode="auto", threads=1, gpu_kv_tokens=256, cpu_kv_gib=0.25), prompts)
+    assert stats.num_swap_outs > 0 and stats.num_swap_ins > 0, "no GPU -> CPU -> GPU migration happened"
+    assert 0 < stats.num_cpu_decodes < stats.num_decodes
+    assert stats.num_preemptions == 0, "auto must move KV to the CPU instead of recomputing"
+    assert tokens == gpu_only
