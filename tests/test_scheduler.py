@@ -122,3 +122,145 @@ def test_random_workload_never_exceeds_budgets(seed):
         sched.add(make_seq(rng.randint(1, 20), max_tokens=rng.randint(1, 10)))
     run_to_end(sched)
     assert bm.num_used_blocks == 0
+
+
+# --- NEO placement and the pipeline planner (fake performance model) -------------------------------------------------
+
+from gpu_worker.block_manager import CpuKVBudget  # noqa: E402
+from gpu_worker.pipeline_planner import PipelinePlanner  # noqa: E402
+from gpu_worker.sequence import KVLocation  # noqa: E402
+
+
+class FakeCost:
+    """GPU: 1 ms + 0.01 ms per token; CPU attention: 0.001 ms per context token."""
+
+    def gpu_time(self, num_tokens: int, context_tokens: int) -> float:
+        return (1.0 + 0.01 * num_tokens) * 1e-3 if num_tokens else 0.0
+
+    def cpu_time(self, batch: int, context_tokens: int) -> float:
+        return 0.001e-3 * context_tokens if batch else 0.0
+
+
+def fake_neo_step(sched: Scheduler, out) -> list[Sequence]:
+    """fake_step plus the invariants of a placement: GPU rows own blocks, CPU rows own none."""
+    for s in out.decodes + out.prefills:
+        assert s.seq.location == KVLocation.GPU
+        assert len(s.seq.block_table) * sched.block_manager.block_size >= s.seq.num_computed_tokens + s.num_new_tokens
+    for s in out.cpu_decodes_a + out.cpu_decodes_b:
+        assert s.seq.location == KVLocation.CPU and s.seq.block_table == [] and s.num_new_tokens == 1
+    return fake_step(sched, out)
+
+
+def neo_scheduler(mode: str, gpu_blocks: int, cpu_blocks: int = 1000, planner: PipelinePlanner | None = None,
+                  **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(mode=mode, max_num_batched_tokens=256, **kw), BlockManager(gpu_blocks, 4),
+                     CpuKVBudget(cpu_blocks, 4), planner)
+
+
+def run_neo(sched: Scheduler, max_steps: int = 5000) -> dict:
+    counts = {"cpu": 0, "gpu": 0, "pipelined": 0}
+    steps = 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        assert not out.failed
+        assert sched.block_manager.num_used_blocks <= sched.block_manager.num_blocks, "GPU budget exceeded"
+        assert sched.cpu_budget.num_used_blocks <= sched.cpu_budget.num_blocks, "CPU budget exceeded"
+        counts["cpu"] += len(out.cpu_decodes_a) + len(out.cpu_decodes_b)
+        counts["gpu"] += len(out.decodes)
+        counts["pipelined"] += out.pipelined
+        fake_neo_step(sched, out)
+        steps += 1
+        assert steps < max_steps, "no progress"
+    assert sched.block_manager.num_used_blocks == 0 and sched.cpu_budget.num_used_blocks == 0
+    return counts
+
+
+def test_cpu_all_moves_every_decode_to_cpu():
+    sched = neo_scheduler("cpu-all", gpu_blocks=64)
+    for i in range(6):
+        sched.add(make_seq(8, max_tokens=5, name=f"s{i}"))
+    counts = run_neo(sched)
+    assert counts["cpu"] > 0 and sched.num_swap_outs == 6
+    assert sched.num_preemptions == 0
+
+
+def test_auto_swaps_out_instead_of_preempting_and_swaps_back():
+    # Room for three prompts: s3's admission pushes s2 to the CPU; s0 and s1 finish early and s2 comes back.
+    sched = neo_scheduler("auto", gpu_blocks=10)
+    for i in range(4):
+        sched.add(make_seq(10, max_tokens=3 if i < 2 else 16, name=f"s{i}"))
+    counts = run_neo(sched)
+    assert sched.num_swap_outs > 0 and sched.num_swap_ins > 0
+    assert sched.num_preemptions == 0
+    assert counts["cpu"] > 0 and counts["gpu"] > 0
+
+
+def test_gpu_only_never_uses_cpu():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=256), BlockManager(12, 4))
+    for i in range(8):
+        sched.add(make_seq(10, max_tokens=12, name=f"s{i}"))
+    run_to_end(sched)
+    assert sched.num_preemptions > 0
+
+
+def test_cpu_budget_full_preempts_cpu_sequences_without_exceeding_it():
+    sched = neo_scheduler("cpu-all", gpu_blocks=64, cpu_blocks=8)
+    for i in range(6):
+        sched.add(make_seq(10, max_tokens=8, name=f"s{i}"))
+    run_neo(sched)
+    assert sched.num_preemptions > 0
+
+
+def _cpu_seqs(contexts: list[int]) -> list[Sequence]:
+    seqs = []
+    for i, n in enumerate(contexts):
+        s = make_seq(n, name=f"c{i}")
+        s.arrival_time = float(i)
+        seqs.append(s)
+    return seqs
+
+
+def test_planner_balances_sub_batches():
+    planner = PipelinePlanner(FakeCost())
+    seqs = _cpu_seqs([1000] * 8)
+    plan = planner.plan(gpu_tokens=200, gpu_context_tokens=0, cpu_seqs=seqs)
+    assert not plan.deferred and plan.sub_batch_a and plan.sub_batch_b
+    assert len(plan.sub_batch_a) + len(plan.sub_batch_b) == 8
+    cost = FakeCost()
+    cpu_b = cost.cpu_time(len(plan.sub_batch_b), sum(s.num_tokens for s in plan.sub_batch_b))
+    cpu_a = cost.cpu_time(len(plan.sub_batch_a), sum(s.num_tokens for s in plan.sub_batch_a))
+    # Pipelined: CPU(B) hides under GPU(A), CPU(A) under GPU(B); the split keeps the two halves close.
+    t = planner.iteration_time(200, 0, plan.sub_batch_a, plan.sub_batch_b)
+    assert t <= planner.iteration_time(200, 0, plan.sub_batch_a + plan.sub_batch_b, []) + 1e-12
+    assert abs(cpu_a - cpu_b) <= cost.cpu_time(1, 1000) + 1e-12 or cpu_b <= cost.gpu_time(208, 0)
+
+
+def test_planner_keeps_one_batch_when_pipelining_does_not_pay():
+    planner = PipelinePlanner(FakeCost())
+    plan = planner.plan(gpu_tokens=10, gpu_context_tokens=0, cpu_seqs=_cpu_seqs([4]))
+    assert plan.sub_batch_b == [] and len(plan.sub_batch_a) == 1
+
+
+def test_planner_defers_under_latency_bound_but_never_starves():
+    planner = PipelinePlanner(FakeCost(), latency_bound_s=2.5e-3, max_wait_steps=3)
+    seqs = _cpu_seqs([2000] * 6)  # 2 ms of CPU attention each: cannot all fit the bound
+    waits = {s.seq_id: 0 for s in seqs}
+    ran = set()
+    for _ in range(20):
+        plan = planner.plan(gpu_tokens=50, gpu_context_tokens=0, cpu_seqs=seqs)
+        if not any(s.cpu_wait_steps >= 3 for s in seqs):
+            assert plan.estimated_time <= 2.5e-3 + 1e-12, "the latency bound was exceeded without need"
+        ran.update(s.seq_id for s in plan.sub_batch_a + plan.sub_batch_b)
+        for s in plan.deferred:
+            s.cpu_wait_steps += 1
+        for s in plan.sub_batch_a + plan.sub_batch_b:
+            s.cpu_wait_steps = 0
+        for s in seqs:
+            waits[s.seq_id] = max(waits[s.seq_id], s.cpu_wait_steps)
+    assert max(waits.values()) == 3, "a CPU decode waited past max_wait_steps, or none was deferred"
+    assert ran == set(waits), "a CPU decode never ran"
+
+
+def test_planner_without_cost_model_splits_halves():
+    plan = PipelinePlanner().plan(gpu_tokens=0, gpu_context_tokens=0, cpu_seqs=_cpu_seqs([100, 100, 100, 100]))
+    assert len(plan.sub_batch_a) == 2 and len(plan.sub_batch_b) == 2
