@@ -207,7 +207,8 @@ async def serve(config: WorkerServerConfig, engine=None) -> None:
         tmp = Path(config.port_file + ".tmp")
         tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
         tmp.replace(config.port_file)
-    log.info("worker listening on %s (port %d); loading the model", config.listen, port)
+    log.info("worker listening on %s%s; loading the model", config.listen,
+             "" if config.listen.startswith("unix:") else f" (port {port})")
 
     if engine is None:
         from gpu_worker.async_engine import AsyncEngine

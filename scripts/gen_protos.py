@@ -52,8 +52,8 @@ def main() -> int:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes((tmp_path / rel).read_bytes())
-                init = target.parent / "__init__.py"
-                init.touch()
+                for parent in list(rel.parents)[:-1]:  # every generated folder is a regular package
+                    (ROOT / parent / "__init__.py").touch()
         if args.check:
             if stale:
                 print("stale generated stubs (run `python scripts/gen_protos.py`):", *stale, sep="\n  ")

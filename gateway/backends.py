@@ -1,0 +1,140 @@
+"""Watches the worker (and sidecar) and decides what the gateway's health service says.
+
+The gateway reports SERVING only when every process a request needs is up: the worker answers its health check
+and holds the request stream, the sidecar (when there is one) answers its health check, and the tokenizer is loaded.
+The same loop copies the worker's scheduler and KV counters into the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from neoserve.internal.v1 import sidecar_pb2, sidecar_pb2_grpc
+from neoserve.tokenizer import Tokenizer
+
+from gateway.admission import Admission
+from gateway.healthcheck import sidecar_up
+from gateway.metrics import GatewayMetrics
+from gateway.servicer import ModelState
+from gateway.worker_client import CHANNEL_OPTIONS, WorkerClient
+
+log = logging.getLogger(__name__)
+
+PUBLIC_SERVICE = "neoserve.v1.InferenceService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class BackendMonitor:
+    def __init__(self, *, worker: WorkerClient, sidecar_address: str | None, model: ModelState, model_spec: str | None,
+                 health_servicer: health.aio.HealthServicer, metrics: GatewayMetrics, admission: Admission,
+                 interval_s: float):
+        self._worker = worker
+        self._model = model
+        self._model_spec = model_spec
+        self._health = health_servicer
+        self._metrics = metrics
+        self._admission = admission
+        self._interval_s = interval_s
+        self._sidecar_channel = None
+        self._sidecar = None
+        if sidecar_address:
+            self._sidecar_channel = grpc.aio.insecure_channel(sidecar_address, options=CHANNEL_OPTIONS)
+            self._sidecar = sidecar_pb2_grpc.CpuAttentionServiceStub(self._sidecar_channel)
+        self.serving = False
+        self._changed = asyncio.Event()
+        self._tokenizer_task: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        if self._sidecar_channel is not None:
+            await self._sidecar_channel.close()
+
+    async def wait_serving(self, timeout: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.serving:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def _sidecar_ok(self) -> bool:
+        if self._sidecar is None:
+            return True
+        try:
+            resp = await self._sidecar.Health(sidecar_pb2.SidecarHealthRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return sidecar_up(resp.status)
+
+    def start_tokenizer_load(self) -> None:
+        """Loads the tokenizer now if its source is known, in parallel with the worker loading the model."""
+        if self._model_spec and self._tokenizer_task is None:
+            self._tokenizer_task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(Tokenizer.load, self._model_spec))
+
+    async def _load_model(self) -> None:
+        info = await self._worker.info()
+        if self._tokenizer_task is None:
+            self._model_spec = self._model_spec or info.model_spec or "embedded"
+            self.start_tokenizer_load()
+        try:
+            tokenizer = await self._tokenizer_task
+        except Exception:
+            self._tokenizer_task = None  # retried next round
+            raise
+        if tokenizer.vocab_size > info.vocab_size:
+            log.warning("tokenizer vocab %d > model vocab %d", tokenizer.vocab_size, info.vocab_size)
+        self._model.tokenizer = tokenizer
+        self._model.info = info
+        log.info("serving %s (vocab %d, context %d) via worker at %s", info.model_id, info.vocab_size,
+                 info.max_model_len, self._worker.address)
+
+    async def check_once(self) -> bool:
+        worker_ok = await self._worker.healthy()
+        if worker_ok and not self._model.ready:
+            try:
+                await self._load_model()
+            except Exception:  # noqa: BLE001 - retried next round; the health status says NOT_SERVING meanwhile
+                log.exception("could not load the model description from the worker")
+        sidecar_ok = await self._sidecar_ok()
+        if worker_ok:
+            try:
+                self._metrics.worker_stats.latest = await self._worker.stats(timeout=2.0)
+            except grpc.aio.AioRpcError:
+                pass
+        self._metrics.worker_up.set(1 if worker_ok else 0)
+        self._metrics.inflight.set(self._admission.inflight)
+        self._metrics.queued.set(self._admission.queued)
+        serving = (worker_ok and sidecar_ok and self._model.ready and self._worker.connected
+                   and not self._admission.draining)
+        await self.set_serving(serving)
+        return serving
+
+    async def set_serving(self, serving: bool) -> None:
+        if serving != self.serving:
+            log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        self.serving = serving
+        status = SERVING if serving else NOT_SERVING
+        for service in ("", PUBLIC_SERVICE):
+            await self._health.set(service, status)
+        self._changed.set()
+
+    async def run(self) -> None:
+        self.start_tokenizer_load()
+        while True:
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the monitor must outlive any one failed check
+                log.exception("backend check failed")
+            await asyncio.sleep(self._interval_s)

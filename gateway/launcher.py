@@ -1,0 +1,354 @@
+"""`neoserve serve`: runs sidecar, worker and gateway as supervised child processes on one host.
+
+What it guarantees:
+- each child gets explicit thread counts (OMP/MKL/torch) and a CPU affinity, so together they never ask for more
+  threads than the cores they are given;
+- it returns from start() only when the gateway reports SERVING (which needs every process up), then prints where
+  to connect;
+- a child that dies is restarted (gateway on the same port), with a back-off and a restart budget;
+- on Ctrl-C or SIGTERM the gateway drains first, then the worker and the sidecar stop; nothing outlives the launcher
+  (children also get PR_SET_PDEATHSIG, so even a SIGKILLed launcher takes them along) and no shared-memory segment
+  of theirs is left in /dev/shm.
+Internal addresses are unix sockets in a private (0700) temporary folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neoserve.config_fields import CliConfig, flag
+
+log = logging.getLogger("neoserve.serve")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ServeConfig(CliConfig):
+    host: str = flag("127.0.0.1", "public bind address of the gateway (loopback by default)")
+    port: int = flag(50051, "public gRPC port (0: pick a free one)")
+    metrics_port: int = flag(9090, "Prometheus /metrics port (0: pick a free one; -1: disabled)")
+    max_inflight: int = flag(256, "requests the gateway forwards to the worker at once")
+    max_queued: int = flag(512, "requests waiting in the gateway; beyond it RESOURCE_EXHAUSTED")
+    api_key: str | None = flag(None, "require this API key on the public port (or env NEOSERVE_API_KEY); "
+                                     "passed to the gateway through its environment, never its command line")
+    tls_cert: str | None = flag(None, "PEM certificate chain for the public port")
+    tls_key: str | None = flag(None, "PEM private key for the public port")
+    sidecar_process: bool = flag(True, "start the cpu_attn sidecar (when the package has one)")
+    cpus: str | None = flag(None, "comma-separated CPU ids to run on (default: this process's affinity)")
+    worker_threads: int | None = flag(None, "torch threads of the worker (default: from the CPU plan)")
+    sidecar_threads: int | None = flag(None, "threads of the sidecar (default: from the CPU plan)")
+    ready_timeout_s: float = flag(600.0, "give up if the server is not SERVING after this long")
+    max_restarts: int = flag(5, "restarts allowed per child before the launcher gives up")
+    drain_timeout_s: float = flag(30.0, "on Ctrl-C/SIGTERM: how long running streams may finish")
+    state_file: str | None = flag(None, "write addresses and child pids here as JSON once serving (for scripts)")
+
+
+@dataclass
+class CpuPlan:
+    """Which cores and how many threads each process gets."""
+
+    worker: list[int]
+    sidecar: list[int]
+    gateway: list[int]
+    worker_threads: int
+    sidecar_threads: int
+
+
+def plan_cpus(cpus: list[int], *, sidecar_busy: bool, worker_on_gpu: bool) -> CpuPlan:
+    """Splits the cores between the processes.
+
+    NOTE: the sidecar computes decode attention only when KV lives on the CPU (mode != gpu-only); then it gets the
+    upper half of the cores (most of them when the model itself runs on a GPU). The gateway is light (tokenize,
+    stream) and shares the last core.
+    """
+    n = len(cpus)
+    if n == 1:
+        return CpuPlan(cpus, cpus, cpus, 1, 1)
+    if sidecar_busy:
+        n_sidecar = n - 1 if worker_on_gpu else max(1, n // 2)
+        sidecar = cpus[n - n_sidecar:]
+        worker = cpus[: n - n_sidecar]
+    else:
+        worker = cpus[:1] if worker_on_gpu else cpus
+        sidecar = cpus[-1:]
+    return CpuPlan(worker, sidecar, cpus[-1:], len(worker), len(sidecar))
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                             "NUMEXPR_NUM_THREADS")}
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGTERM it if the launcher dies (even by SIGKILL)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    os.setpgid(0, 0)  # NOTE: own process group, so Ctrl-C reaches only the launcher, which stops children in order
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    argv: list[str]
+    cpus: list[int]
+    threads: int
+    env: dict[str, str] = field(default_factory=dict)
+    stop_timeout_s: float = 10.0
+
+
+class Child:
+    def __init__(self, spec: ChildSpec):
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.next_start = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        env = {**os.environ, **_thread_env(self.spec.threads), **self.spec.env}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+        # NOTE: children's stdout goes to our stderr: stdout carries only what the launcher prints (the reply of
+        # `serve --once`), whatever a child prints there (the sidecar's ready line).
+        self.proc = subprocess.Popen(self.spec.argv, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+                                     stdout=sys.stderr.fileno())
+        try:
+            os.sched_setaffinity(self.proc.pid, self.spec.cpus)
+        except OSError as e:  # the child may already be gone; the supervisor notices
+            log.warning("could not pin %s to cpus %s: %s", self.spec.name, self.spec.cpus, e)
+        log.info("started %s (pid %d) on cpus %s with %d threads", self.spec.name, self.proc.pid, self.spec.cpus,
+                 self.spec.threads)
+
+    def terminate(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self) -> None:
+        if self.alive():
+            log.warning("%s did not stop in time: SIGKILL", self.spec.name)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _gateway_health(address: str, timeout: float = 1.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                             timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Launcher:
+    def __init__(self, serve: ServeConfig, engine_argv: list[str], *, engine_model: str | None, engine_mode: str,
+                 engine_device: str, engine_cpu_kv_gib: float = 4.0, quiet: bool = False):
+        self.serve = serve
+        self.run_dir = Path(tempfile.mkdtemp(prefix="neoserve-"))  # NOTE: mkdtemp makes it 0700
+        self.children: list[Child] = []
+        self.gateway_port: int | None = None
+        self.metrics_port: int | None = None
+        self._stop = threading.Event()
+        self._quiet = quiet
+        cpus = [int(c) for c in serve.cpus.split(",")] if serve.cpus else sorted(os.sched_getaffinity(0))
+        have_sidecar = serve.sidecar_process and (PROJECT_ROOT / "cpu_attn" / "__main__.py").is_file()
+        on_gpu = engine_device == "cuda" or (engine_device == "auto" and Path("/dev/nvidia0").exists())
+        plan = plan_cpus(cpus, sidecar_busy=have_sidecar and engine_mode != "gpu-only", worker_on_gpu=on_gpu)
+        worker_threads = serve.worker_threads or plan.worker_threads
+        sidecar_threads = serve.sidecar_threads or plan.sidecar_threads
+        child_env = {"NEOSERVE_LOG_LEVEL": "WARNING"} if quiet else {}
+        py = sys.executable
+        sidecar_address = None
+        if have_sidecar:
+            sidecar_address = f"unix:{self.run_dir / 'sidecar.sock'}"
+            self.children.append(Child(ChildSpec(
+                "sidecar", [py, "-m", "cpu_attn", "--control-address", sidecar_address, "--threads",
+                            str(sidecar_threads), "--cpus", ",".join(map(str, plan.sidecar)),
+                            "--kv-cache-gib", str(engine_cpu_kv_gib), "--parent-pid", str(os.getpid())],
+                plan.sidecar, sidecar_threads, child_env)))
+        worker_address = f"unix:{self.run_dir / 'worker.sock'}"
+        worker_argv = [py, "-m", "gpu_worker", "--listen", worker_address, *engine_argv,
+                       "--threads", str(worker_threads)]
+        if sidecar_address:
+            worker_argv += ["--sidecar", sidecar_address]
+        self.children.append(Child(ChildSpec("worker", worker_argv, plan.worker, worker_threads, child_env)))
+        self._gateway_port_file = self.run_dir / "gateway.json"
+        gateway_argv = [py, "-m", "gateway", "--host", serve.host, "--port", str(serve.port),
+                        "--worker-address", worker_address, "--metrics-port", str(serve.metrics_port),
+                        "--max-inflight", str(serve.max_inflight), "--max-queued", str(serve.max_queued),
+                        "--drain-timeout-s", str(serve.drain_timeout_s), "--port-file", str(self._gateway_port_file),
+                        "--model", engine_model or "embedded"]
+        if sidecar_address:
+            gateway_argv += ["--sidecar-address", sidecar_address]
+        if serve.tls_cert:
+            gateway_argv += ["--tls-cert", serve.tls_cert, "--tls-key", serve.tls_key]
+        gateway_env = dict(child_env)
+        if serve.api_key:
+            gateway_env["NEOSERVE_API_KEY"] = serve.api_key
+        self.children.append(Child(ChildSpec("gateway", gateway_argv, plan.gateway, 1, gateway_env,
+                                             stop_timeout_s=serve.drain_timeout_s + 10)))
+        self._worker_address = worker_address
+        self._sidecar_address = sidecar_address
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.serve.host in ("0.0.0.0", "::", "") else self.serve.host
+        return f"{host}:{self.gateway_port}"
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.spec.name == name)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Starts all children and waits until the gateway is SERVING. False if stopped or timed out first."""
+        for child in self.children:
+            child.start()
+        deadline = time.monotonic() + self.serve.ready_timeout_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if not self.supervise_once():
+                return False
+            if self.gateway_port is None:
+                info = _read_json(self._gateway_port_file)
+                if info:
+                    self.gateway_port, self.metrics_port = info["port"], info.get("metrics_port")
+                    self._pin_gateway_port()
+            if self.gateway_port is not None and self._serving():
+                self._write_state()
+                return True
+            self._stop.wait(0.2)
+        if not self._stop.is_set():
+            log.error("the server was not SERVING after %.0f s", self.serve.ready_timeout_s)
+        return False
+
+    def _serving(self) -> bool:
+        """The gateway's own health (SERVING needs every process up). NOTE: with TLS the launcher cannot know which
+        name the certificate was issued for, so it checks the worker and sidecar over their unix sockets instead."""
+        if not self.serve.tls_cert:
+            return _gateway_health(self.address)
+        from gateway.healthcheck import check_sidecar
+
+        return _gateway_health(self._worker_address) and (
+            self._sidecar_address is None or check_sidecar(self._sidecar_address) == "SERVING")
+
+    def _pin_gateway_port(self) -> None:
+        """Restarts of the gateway reuse the port it got, so clients reconnect to the same address."""
+        argv = self.child("gateway").spec.argv
+        argv[argv.index("--port") + 1] = str(self.gateway_port)
+        if self.metrics_port is not None:
+            argv[argv.index("--metrics-port") + 1] = str(self.metrics_port)
+
+    def _write_state(self) -> None:
+        if not self.serve.state_file:
+            return
+        state = {"address": self.address, "metrics_port": self.metrics_port, "run_dir": str(self.run_dir),
+                 "pids": {c.spec.name: c.pid for c in self.children},
+                 "worker_address": f"unix:{self.run_dir / 'worker.sock'}"}
+        tmp = Path(self.serve.state_file + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.serve.state_file)
+
+    def supervise_once(self) -> bool:
+        """Restarts dead children. False when one exhausted its restart budget."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive():
+                continue
+            if child.next_start == 0.0:
+                code = child.proc.returncode if child.proc else None
+                if child.restarts >= self.serve.max_restarts:
+                    log.error("%s exited (code %s) %d times; giving up", child.spec.name, code, child.restarts + 1)
+                    return False
+                delay = min(10.0, 0.5 * 2 ** child.restarts)
+                log.warning("%s exited (code %s); restarting in %.1f s", child.spec.name, code, delay)
+                child.next_start = now + delay
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start()
+                self._write_state()
+        return True
+
+    def run_until_stopped(self) -> int:
+        while not self._stop.wait(0.2):
+            if not self.supervise_once():
+                return 1
+        return 0
+
+    def shutdown(self) -> None:
+        """Gateway first (it drains), then worker and sidecar; SIGKILL whatever overstays; then clean up."""
+        for name in ("gateway", "worker", "sidecar"):
+            child = next((c for c in self.children if c.spec.name == name), None)
+            if child is None:
+                continue
+            child.terminate()
+            if not child.wait(child.spec.stop_timeout_s):
+                child.kill()
+        self._cleanup_shm()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _cleanup_shm(self) -> None:
+        """Removes shared-memory segments our children owned, if a crash left any."""
+        pids = {str(c.pid) for c in self.children if c.pid is not None}
+        try:
+            from neoserve.shm_ring import cleanup_stale_segments
+
+            cleanup_stale_segments("neoserve")
+        except Exception:  # noqa: BLE001 - fall back to removing by owner pid below
+            pass
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for entry in shm.iterdir():
+                parts = entry.name.split("-")
+                if entry.name.startswith("neoserve-") and len(parts) > 1 and parts[1] in pids:
+                    entry.unlink(missing_ok=True)
+
+
+def install_signal_handlers(launcher: Launcher) -> None:
+    def handler(signum, frame):
+        log.info("received %s: draining", signal.Signals(signum).name)
+        launcher.request_stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,86 @@
+"""Prometheus metrics of the gateway, served over HTTP in the text format.
+
+Latency histograms are observed on the request path; worker-side state (running/waiting, KV usage, requests on CPU,
+preemptions) comes from the worker's Stats RPC, polled by the backend monitor, and is exported as it was last seen.
+Each Gateway owns its registry so several can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from neoserve.internal.v1 import worker_pb2
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class _WorkerStatsCollector:
+    """Exports the most recent worker StatsResponse at scrape time."""
+
+    def __init__(self) -> None:
+        self.latest: worker_pb2.StatsResponse | None = None
+
+    def collect(self):
+        s = self.latest
+        if s is None:
+            return
+        gauges = {
+            "neoserve_requests_running": ("Requests the engine is running", s.num_running),
+            "neoserve_requests_waiting": ("Requests waiting in the engine's scheduler", s.num_waiting),
+            "neoserve_requests_on_cpu": ("Sequences whose KV cache and decode attention are on the CPU",
+                                         s.num_cpu_sequences),
+            "neoserve_gpu_kv_blocks_used": ("GPU KV-cache blocks in use", s.gpu_kv_blocks_used),
+            "neoserve_gpu_kv_blocks_total": ("GPU KV-cache blocks", s.gpu_kv_blocks_total),
+            "neoserve_gpu_kv_usage_ratio": ("Fraction of GPU KV-cache blocks in use",
+                                            s.gpu_kv_blocks_used / s.gpu_kv_blocks_total if s.gpu_kv_blocks_total else 0.0),
+            "neoserve_cpu_kv_bytes_used": ("CPU KV-cache bytes in use", s.cpu_kv_bytes_used),
+            "neoserve_cpu_kv_bytes_total": ("CPU KV-cache bytes", s.cpu_kv_bytes_total),
+            "neoserve_cpu_kv_usage_ratio": ("Fraction of the CPU KV cache in use",
+                                            s.cpu_kv_bytes_used / s.cpu_kv_bytes_total if s.cpu_kv_bytes_total else 0.0),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily("neoserve_preemptions", "Sequences preempted by the scheduler",
+                                  value=s.num_preemptions)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("neoserve_time_to_first_token_seconds", "Time from arrival to the first streamed token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("neoserve_inter_token_latency_seconds", "Time between streamed tokens of one request",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("neoserve_queue_time_seconds", "Time a request waited for admission",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("neoserve_request_latency_seconds", "Time from arrival to the last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.finished = Counter("neoserve_requests_finished", "Requests that completed, by finish reason",
+                                ["finish_reason"], registry=r)
+        self.failed = Counter("neoserve_requests_failed", "Requests that ended with an error status, by code",
+                              ["code"], registry=r)
+        self.prompt_tokens = Counter("neoserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("neoserve_generation_tokens", "Tokens streamed to clients", registry=r)
+        self.inflight = Gauge("neoserve_gateway_requests_inflight", "Requests the gateway forwarded to the worker",
+                              registry=r)
+        self.queued = Gauge("neoserve_gateway_requests_queued", "Requests waiting in the gateway's admission queue",
+                            registry=r)
+        self.worker_up = Gauge("neoserve_worker_up", "1 when the worker answers health checks", registry=r)
+        self.worker_stats = _WorkerStatsCollector()
+        r.register(self.worker_stats)
+        self._http = None
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,103 @@
+"""Turns a public GenerateRequest into what the worker runs: prompt token ids and validated SamplingParams.
+
+All client-input validation happens here (and in SamplingParams itself), so a bad field is reported with its name
+before any work reaches the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neoserve.errors import ValidationError
+from neoserve.internal.v1 import worker_pb2
+from neoserve.sampling_params import SamplingParams, validate_prompt
+from neoserve.v1 import inference_service_pb2 as pb
+
+# Proto field name -> SamplingParams field name, for fields whose unset value is not SamplingParams' default.
+_OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed", "logprobs")
+MAX_CHAT_MESSAGES = 1024
+MAX_PROMPT_CHARS = 4_000_000  # NOTE: bounds tokenizer work per request long before max_model_len is checked
+
+
+@dataclass
+class PreparedRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    skip_special_tokens: bool
+
+
+def sampling_params_from_proto(sp: pb.SamplingParameters) -> tuple[SamplingParams, bool]:
+    """(SamplingParams, skip_special_tokens). Raises ValidationError naming the field."""
+    kwargs = {name: getattr(sp, name) for name in _OPTIONAL_FIELDS if sp.HasField(name)}
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if name in kwargs:
+            kwargs[name] = float(kwargs[name])
+    kwargs["stop"] = list(sp.stop)
+    kwargs["stop_token_ids"] = list(sp.stop_token_ids)
+    kwargs["ignore_eos"] = sp.ignore_eos
+    kwargs["min_tokens"] = sp.min_tokens
+    params = SamplingParams(**kwargs)
+    skip_special = sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True
+    return params, skip_special
+
+
+def chat_messages_from_proto(chat: pb.Chat) -> list[dict[str, str]]:
+    if not chat.messages:
+        raise ValidationError("chat.messages", "must contain at least one message")
+    if len(chat.messages) > MAX_CHAT_MESSAGES:
+        raise ValidationError("chat.messages", f"at most {MAX_CHAT_MESSAGES} messages")
+    messages = []
+    for i, m in enumerate(chat.messages):
+        if not m.role:
+            raise ValidationError(f"chat.messages[{i}].role", "must not be empty")
+        messages.append({"role": m.role, "content": m.content})
+    return messages
+
+
+def prompt_token_ids(request, tokenizer) -> list[int]:
+    """Token ids of a GenerateRequest's or TokenizeRequest's input (whichever oneof member is set)."""
+    kind = request.WhichOneof("input")
+    if kind in ("prompt", "text"):
+        text = getattr(request, kind)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValidationError(kind, f"at most {MAX_PROMPT_CHARS} characters")
+        if not text:
+            raise ValidationError(kind, "must not be empty")
+        return list(tokenizer.encode(text))
+    if kind == "chat":
+        messages = chat_messages_from_proto(request.chat)
+        if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+            raise ValidationError("chat.messages", f"at most {MAX_PROMPT_CHARS} characters in all")
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValidationError as e:  # the tokenizer names the field "messages"; ours is "chat.messages"
+            raise ValidationError("chat.messages", e.message) from e
+        if isinstance(ids, str):
+            ids = tokenizer.encode(ids)
+        return list(ids)
+    if kind == "prompt_token_ids":
+        return list(request.prompt_token_ids.ids)
+    raise ValidationError("input", "set one of prompt, chat or prompt_token_ids")
+
+
+def prepare(request: pb.GenerateRequest, tokenizer, *, max_model_len: int, vocab_size: int) -> PreparedRequest:
+    params, skip_special = sampling_params_from_proto(request.sampling)
+    ids = prompt_token_ids(request, tokenizer)
+    validate_prompt(ids, params, max_model_len=max_model_len, vocab_size=vocab_size)
+    return PreparedRequest(ids, params, skip_special)
+
+
+def worker_params(params: SamplingParams) -> worker_pb2.SamplingParams:
+    out = worker_pb2.SamplingParams(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+        min_p=params.min_p, repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos, min_tokens=params.min_tokens,
+    )
+    if params.seed is not None:
+        out.seed = params.seed
+    if params.logprobs is not None:
+        out.logprobs = params.logprobs
+    return out
+

@@ -1,0 +1,138 @@
+"""Assembles the gateway process: public gRPC server (inference, health, reflection), worker link, metrics, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from neoserve.v1 import inference_service_pb2 as pb
+from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from gateway.admission import Admission
+from gateway.auth import ApiKeyInterceptor
+from gateway.backends import NOT_SERVING, PUBLIC_SERVICE, BackendMonitor
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.servicer import InferenceServicer, ModelState
+from gateway.worker_client import WorkerClient
+
+log = logging.getLogger(__name__)
+
+
+def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    # NOTE: long streams (a slow prompt, a long reply) must survive idle NATs and proxies: the server pings every
+    # keepalive_time_s and accepts client pings as often as every 5 s without calling them abuse.
+    return [
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None:
+        return None
+    key = Path(config.tls_key).read_bytes()
+    chain = Path(config.tls_cert).read_bytes()
+    root = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=root,
+                                       require_client_auth=root is not None)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.admission = Admission(config.max_inflight, config.max_queued, config.retry_after_s)
+        self.worker = WorkerClient(config.worker_address)
+        self.model = ModelState()
+        self.health = health.aio.HealthServicer()
+        self.monitor = BackendMonitor(
+            worker=self.worker, sidecar_address=config.sidecar_address, model=self.model, model_spec=config.model,
+            health_servicer=self.health, metrics=self.metrics, admission=self.admission,
+            interval_s=config.health_interval_s,
+        )
+        interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
+        self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
+        pb_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.model, self.worker, self.admission, self.metrics, log_prompts=config.log_prompts),
+            self.server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME], self.server)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._monitor_task: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        creds = server_credentials(self.config)
+        if creds is None:
+            self.port = self.server.add_insecure_port(self.config.listen_address)
+        else:
+            self.port = self.server.add_secure_port(self.config.listen_address, creds)
+        for service in ("", PUBLIC_SERVICE):
+            await self.health.set(service, NOT_SERVING)
+        await self.server.start()
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
+        self.worker.start()
+        self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run(), name="backend-monitor")
+        if self.config.port_file:
+            tmp = Path(self.config.port_file + ".tmp")
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+            tmp.replace(self.config.port_file)  # NOTE: atomic, so a reader never sees half a file
+        log.info("gateway listening on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
+
+    async def drain_and_stop(self) -> None:
+        """Refuses new requests (UNAVAILABLE), lets running streams finish for drain_timeout_s, then stops."""
+        if self._stopped.is_set():
+            return
+        log.info("draining: %d requests in flight", self.admission.inflight)
+        self.admission.start_draining()
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        await self.monitor.set_serving(False)
+        if not await self.admission.wait_idle(self.config.drain_timeout_s):
+            log.warning("drain timeout: cutting %d streams", self.admission.inflight)
+        await self.server.stop(grace=1.0)
+        await self.worker.close()
+        await self.monitor.close()
+        self.metrics.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: GatewayConfig) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task] = []
+
+    def on_signal() -> None:
+        if not stopping:
+            stopping.append(loop.create_task(gateway.drain_and_stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await gateway.wait_stopped()
