@@ -177,14 +177,24 @@ class ModelRunner:
         """Device attention for the GPU rows; the CPU rows (first batch.num_cpu) go to the sidecar.
         Returns the output with the CPU rows still to fill, and the sidecar ticket for them."""
         nc = batch.num_cpu
-        ticket = None
+        staged = ready = None
         if nc:
-            # NOTE: submitted before the device attention is launched, so the sidecar works while the device does.
-            ticket = self.sidecar.submit_attention(layer, batch.cpu_seq_ids, batch.cpu_context_lens,
-                                                   q[:nc], k[:nc], v[:nc])
+            if q.is_cuda:
+                # NOTE: stage the CPU rows into pinned host memory asynchronously and launch the device attention
+                # before waiting for the copy, so the device stays busy while the launch thread hands off.
+                staged = [_pinned_copy(t[:nc]) for t in (q, k, v)]
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                staged = [q[:nc], k[:nc], v[:nc]]
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
         if batch.num_tokens > nc:
             out[nc:] = paged_attention(self.kv_cache, layer, q[nc:], k[nc:], v[nc:], batch.meta, self.model.scale)
+        ticket = None
+        if nc:
+            if ready is not None:
+                ready.synchronize()
+            ticket = self.sidecar.submit_attention(layer, batch.cpu_seq_ids, batch.cpu_context_lens, *staged)
         return out, ticket
 
     def _collect(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
@@ -249,6 +259,13 @@ class ModelRunner:
                            keep_rows=torch.arange(n, device=self.device), num_cpu=0, cpu_seq_ids=[],
                            cpu_context_lens=[])
         return self.model.logits(self._forward(batch))
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """Non-blocking device -> pinned host copy in fp32 (the sidecar's data-plane dtype)."""
+    host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 @dataclass
