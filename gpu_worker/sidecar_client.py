@@ -36,7 +36,7 @@ from cpu_attn.config import AttnShape
 from neoserve.errors import BackendUnavailableError, CapacityError, NeoServeError, ValidationError
 from neoserve.internal.v1 import sidecar_pb2 as pb
 from neoserve.internal.v1 import sidecar_pb2_grpc as pb_grpc
-from neoserve.shm_ring import (DEFAULT_PREFIX, Message, Ring, RingClosedError, RingConsumer, RingCorruptError,
+from neoserve.shm_ring import (DEFAULT_PREFIX, Message, Ring, RingConsumer, RingCorruptError,
                                RingError, RingProducer, WaitPolicy, cleanup_stale_segments, process_alive)
 
 log = logging.getLogger("gpu_worker.sidecar_client")
@@ -134,7 +134,8 @@ class SidecarClient:
         tmpdir = tempfile.mkdtemp(prefix="neoserve-sidecar-")  # mode 0700: only we can reach the socket
         address = control_address or f"unix:{tmpdir}/control.sock"
         cmd = [sys.executable, "-m", "cpu_attn", "--threads", str(threads), "--kv-cache-gib", str(kv_cache_gib),
-               "--control-address", address, "--shm-prefix", shm_prefix, "--parent-pid", str(os.getpid())]
+               "--control-address", address, "--shm-prefix", shm_prefix, "--parent-pid", str(os.getpid()),
+               "--owned-dir", tmpdir]
         if cpus:
             cmd += ["--cpus", ",".join(str(c) for c in cpus)]
         cmd += list(extra_args)
@@ -193,8 +194,8 @@ class SidecarClient:
             elif proc.poll() is not None:
                 break
         code = proc.poll()
-        raise BackendUnavailableError(f"the cpu_attn sidecar did not start ({'exit code ' + str(code) if code is not None else 'timed out'}"
-                                      f" after {timeout:.0f} s; see its stderr)")
+        why = f"exit code {code}" if code is not None else f"no ready line after {timeout:.0f} s"
+        raise BackendUnavailableError(f"the cpu_attn sidecar did not start ({why}; see its stderr)")
 
     def _open(self, timeout: float, free_all_sequences: bool) -> None:
         health = self._call("Health", pb.SidecarHealthRequest(), timeout=timeout, wait_for_ready=True)
