@@ -12,7 +12,8 @@ The ring record's `type` field holds the MsgType.
                 arrays: seq_ids i64[B], context_lens i64[B], q f32[B,Hq,D], (k f32[B,Hkv,D], v f32[B,Hkv,D])
                 context_lens count the new token: its k/v go to position context_len - 1, attention covers
                 [0, context_len).
-    ATTN_OUT    sidecar -> worker: header u64 tag, u32 layer, u32 B, u32 Hq, u32 D; out f32[B,Hq,D]
+    ATTN_OUT    sidecar -> worker: header u64 tag, u32 layer, u32 B, u32 Hq, u32 D, u64 compute start ns,
+                u64 compute end ns (CLOCK_MONOTONIC, comparable across processes; for traces); out f32[B,Hq,D]
     KV_UPLOAD   worker -> sidecar: header u64 tag, i64 seq_id, u32 layer, u32 start, u32 num_tokens T,
                 u32 Hkv, u32 D; k f32[T,Hkv,D], v f32[T,Hkv,D]   (swap a prefilled sequence's KV in)
     KV_DOWNLOAD worker -> sidecar: header u64 tag, i64 seq_id, u32 layer, u32 start, u32 end
@@ -66,7 +67,7 @@ def _align(n: int) -> int:
 
 
 _ATTN = struct.Struct("<QIIIIII")  # tag, layer, batch, num_heads, num_kv_heads, head_dim, flags
-_ATTN_OUT = struct.Struct("<QIIII")  # tag, layer, batch, num_heads, head_dim
+_ATTN_OUT = struct.Struct("<QIIIIQQ")  # tag, layer, batch, num_heads, head_dim, start_ns, end_ns
 _KV = struct.Struct("<QqIIIII")  # tag, seq_id, layer, start, num_tokens, num_kv_heads, head_dim
 _KV_DOWNLOAD = struct.Struct("<QqIII")  # tag, seq_id, layer, start, end
 _ACK = struct.Struct("<Q")  # tag
@@ -185,18 +186,24 @@ class AttnOutLayout:
         return _view(buf, HEADER_BYTES, np.float32, (self.batch, self.num_heads, self.head_dim))  # [B, Hq, D]
 
 
-def write_attn_out_header(buf: np.ndarray, tag: int, layer: int, layout: AttnOutLayout) -> None:
-    _ATTN_OUT.pack_into(buf, 0, tag, layer, layout.batch, layout.num_heads, layout.head_dim)
+def write_attn_out_header(buf: np.ndarray, tag: int, layer: int, layout: AttnOutLayout, start_ns: int = 0,
+                          end_ns: int = 0) -> None:
+    _ATTN_OUT.pack_into(buf, 0, tag, layer, layout.batch, layout.num_heads, layout.head_dim, start_ns, end_ns)
 
 
 def read_attn_out_header(buf: np.ndarray) -> tuple[int, int, AttnOutLayout]:
     if buf.shape[0] < HEADER_BYTES:
         raise MessageFormatError(f"ATTN_OUT payload of {buf.shape[0]} bytes is shorter than its header")
-    tag, layer, batch, hq, d = _ATTN_OUT.unpack_from(buf, 0)
+    tag, layer, batch, hq, d, _, _ = _ATTN_OUT.unpack_from(buf, 0)
     layout = AttnOutLayout(batch, hq, d)
     if layout.nbytes != buf.shape[0]:
         raise MessageFormatError(f"ATTN_OUT payload is {buf.shape[0]} bytes, its header describes {layout.nbytes}")
     return tag, layer, layout
+
+
+def read_attn_out_times(buf: np.ndarray) -> tuple[int, int]:
+    """(start_ns, end_ns) of the sidecar's work on this batch, CLOCK_MONOTONIC."""
+    return _ATTN_OUT.unpack_from(buf, 0)[5:7]
 
 
 # ---------------------------------------------------------------------------------------- KV_UPLOAD / KV_DATA

@@ -305,6 +305,7 @@ class DataPlane:
         tag, layer, layout = m.read_attn_header(msg.data)
         out_layout = m.AttnOutLayout(layout.batch, layout.num_heads, layout.head_dim)
         buf = rings.producer.reserve(out_layout.nbytes, RESPONSE_TIMEOUT_S)
+        start_ns = time.monotonic_ns()
         with self.state.lock:
             shape, kv = self._check_common(layer)
             if (layout.num_heads, layout.num_kv_heads, layout.head_dim) != (shape.num_heads, shape.num_kv_heads,
@@ -333,9 +334,9 @@ class DataPlane:
                 for s, n in zip(ids, lens):
                     kv.reserve(s, n)  # CapacityError -> CAPACITY record; a no-op when already covered
                 kv.append(layer, seq_t, lens_t - 1, torch.from_numpy(k), torch.from_numpy(v))
-            m.write_attn_out_header(buf, tag, layer, out_layout)
             out = torch.from_numpy(out_layout.out_view(buf))  # [B, Hq, D], written in place in the response slot
             kv.attention(layer, seq_t, lens_t, torch.from_numpy(q), out, shape.softmax_scale)
+            m.write_attn_out_header(buf, tag, layer, out_layout, start_ns, time.monotonic_ns())
         rings.producer.commit(m.MsgType.ATTN_OUT)
 
     def _upload(self, rings: _Rings, msg: Message) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from gpu_worker.scheduler import ScheduledSeq, SchedulerOutput
 from gpu_worker.sequence import Sequence
+from gpu_worker.trace import StepTracer
 from neoserve.outputs import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class ModelRunner:
         self.sampler = Sampler(generator=self.global_generator)  # unseeded rows share one draw per step
         self.sidecar = None  # SidecarClient, attached by the engine when a mode places KV on the CPU
         self._on_sidecar: set[int] = set()  # sequences whose KV the sidecar holds
+        self.tracer: StepTracer | None = None  # set for one step to record its timeline (bench/trace_pipeline.py)
         log.info("model %s on %s (%s): %d layers, KV cache %d blocks x %d tokens, context %d", mc.name or mc.architecture,
                  self.device, self.dtype, mc.num_layers, self.num_gpu_blocks, self.block_size, self.max_model_len)
 
@@ -150,8 +153,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
         self.migrate(sched)
-        a = _FlatBatch.build(self, sched.cpu_decodes_a, sched.decodes, sched.prefills)
-        b = _FlatBatch.build(self, sched.cpu_decodes_b, [], [])
+        a = _FlatBatch.build(self, "A", sched.cpu_decodes_a, sched.decodes, sched.prefills)
+        b = _FlatBatch.build(self, "B", sched.cpu_decodes_b, [], [])
         if b.num_tokens:
             hidden = torch.cat([*self._forward_pipelined(a, b)])  # [S_a + S_b, hidden]
         else:
@@ -195,7 +198,12 @@ class ModelRunner:
             if ready is not None:
                 ready.synchronize()
             ticket = self.sidecar.submit_attention(layer, batch.cpu_seq_ids, batch.cpu_context_lens, *staged)
+            if self.tracer is not None:
+                self.tracer.tickets[ticket] = f"attn {batch.name} L{layer}"
         return out, ticket
+
+    def _span(self, name: str):
+        return self.tracer.span(name) if self.tracer is not None else contextlib.nullcontext()
 
     def _collect(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
         if ticket is not None:
@@ -226,22 +234,26 @@ class ModelRunner:
         ticket_b = None
         for i in range(model.num_layers):
             if xa is not None:
-                qa, ka, va = model.pre_attention(i, xa, a.rope)
-                attn_a, ticket_a = self._attend(i, a, qa, ka, va)
+                with self._span(f"A pre+attn L{i}"):
+                    qa, ka, va = model.pre_attention(i, xa, a.rope)
+                    attn_a, ticket_a = self._attend(i, a, qa, ka, va)
             if ticket_b is not None:
                 attn_b = self._collect(ticket_b, attn_b, b.num_cpu)
-                xb = model.post_attention(i - 1, xb, attn_b)
-            qb, kb, vb = model.pre_attention(i, xb, b.rope)
-            attn_b, ticket_b = self._attend(i, b, qb, kb, vb)
+                with self._span(f"B post L{i - 1}"):
+                    xb = model.post_attention(i - 1, xb, attn_b)
+            with self._span(f"B pre L{i}"):
+                qb, kb, vb = model.pre_attention(i, xb, b.rope)
+                attn_b, ticket_b = self._attend(i, b, qb, kb, vb)
             if xa is not None:
                 attn_a = self._collect(ticket_a, attn_a, a.num_cpu)
-                if i == last:
-                    xa, attn_a = xa.index_select(0, a.keep_rows), attn_a.index_select(0, a.keep_rows)
-                xa = model.post_attention(i, xa, attn_a)
+                with self._span(f"A post L{i}"):
+                    if i == last:
+                        xa, attn_a = xa.index_select(0, a.keep_rows), attn_a.index_select(0, a.keep_rows)
+                    xa = model.post_attention(i, xa, attn_a)
         attn_b = self._collect(ticket_b, attn_b, b.num_cpu)
-        xb = model.post_attention(last, xb, attn_b)
+        with self._span(f"B post L{last}"):
+            xb = model.post_attention(last, xb, attn_b)
         return (xa if xa is not None else xb[:0]), xb
-
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -255,7 +267,7 @@ class ModelRunner:
         slots = [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(n)]
         meta = AttentionMetadata.build(self.block_size, self.device, slots, [], [], [(0, n, 0, table)])
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        batch = _FlatBatch(ids=ids, rope=self.model.rope_tables(torch.arange(n, device=self.device)), meta=meta,
+        batch = _FlatBatch(name="prompt", ids=ids, rope=self.model.rope_tables(torch.arange(n, device=self.device)), meta=meta,
                            keep_rows=torch.arange(n, device=self.device), num_cpu=0, cpu_seq_ids=[],
                            cpu_context_lens=[])
         return self.model.logits(self._forward(batch))
@@ -272,6 +284,7 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
 class _FlatBatch:
     """One sub-batch laid out flat: [CPU decodes | GPU decodes | prefill chunks]."""
 
+    name: str
     ids: torch.Tensor  # [T]
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, D]
     meta: AttentionMetadata | None  # device attention of the GPU rows (None when there are none)
@@ -285,7 +298,7 @@ class _FlatBatch:
         return self.ids.shape[0]
 
     @classmethod
-    def build(cls, runner: ModelRunner, cpu: list[ScheduledSeq], decodes: list[ScheduledSeq],
+    def build(cls, runner: ModelRunner, name: str, cpu: list[ScheduledSeq], decodes: list[ScheduledSeq],
               prefills: list[ScheduledSeq]) -> "_FlatBatch":
         ids: list[int] = []
         positions: list[int] = []
@@ -318,6 +331,7 @@ class _FlatBatch:
         dev = runner.device
         pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         return cls(
+            name=name,
             ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
             rope=runner.model.rope_tables(pos_t),
             meta=meta,

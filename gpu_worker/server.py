@@ -4,6 +4,10 @@ Each gateway connection holds one bidirectional Stream. Requests that arrive on 
 consuming the engine's per-request iterator; their deltas meet in one outbox, and everything in the outbox is sent
 as one message, so one engine step costs about one message on the link. When the stream ends for any reason (the
 gateway died, cancelled or closed it), every request that came over it is aborted and its KV cache freed.
+
+With an external sidecar (--sidecar, as the launcher and compose run it) a SidecarWatcher follows the sidecar's
+identity: when it died the engine recomputes its CPU sequences on the GPU and serves gpu-only; once the supervisor
+has restarted it, the watcher attaches a new client and the engine takes it back before its next step.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import logging
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from neoserve.outputs import FinishReason, RequestOutput
 from neoserve.sampling_params import SamplingParams
 
 from gpu_worker.config import EngineConfig
+from gpu_worker.engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +185,145 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             gpu_kv_blocks_used=s.gpu_kv_blocks_used, gpu_kv_blocks_total=s.gpu_kv_blocks_total,
             cpu_kv_bytes_used=s.cpu_kv_bytes_used, cpu_kv_bytes_total=s.cpu_kv_bytes_total,
             num_preemptions=s.num_preemptions, num_open_requests=len(self._open), num_streams=self._num_streams,
+            num_swap_outs=s.num_swap_outs, num_swap_ins=s.num_swap_ins, num_steps=s.num_steps,
+            num_pipelined_steps=s.num_pipelined_steps, num_cpu_decodes=s.num_cpu_decodes, num_decodes=s.num_decodes,
+            mode=s.mode,
         )
+
+
+# --- taking a restarted sidecar back ------------------------------------------------------------------------------
+
+class ReattachingEngine(LLMEngine):
+    """LLMEngine that can take a new sidecar client back after `_on_sidecar_failure` (or a restart it has not noticed
+    yet). Any thread may `offer_sidecar()`; the engine thread swaps it in at the start of its next step, so nothing
+    the step loop owns (scheduler, runner, client) is touched from another thread.
+
+    NOTE: this lives here because the launcher's restart of the sidecar is what needs it; LLMEngine itself would be
+    the better home for `_reattach` (see docs/RELIABILITY.md)."""
+
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        self._handover_lock = threading.Lock()
+        self._offered = None  # a connected, configured SidecarClient waiting for the engine thread
+        self.num_reattaches = 0
+
+    def offer_sidecar(self, client) -> None:
+        with self._handover_lock:
+            old, self._offered = self._offered, client
+        if old is not None:
+            old.close(shutdown=False)
+
+    @property
+    def has_offer(self) -> bool:
+        return self._offered is not None
+
+    def step(self):
+        with self._handover_lock:
+            client, self._offered = self._offered, None
+        if client is not None:
+            self._reattach(client)
+        return super().step()
+
+    def _reattach(self, client) -> None:
+        from gpu_worker.block_manager import CpuKVBudget
+
+        if self.sidecar is not None:
+            # NOTE: the old sidecar process is gone (the watcher saw a new one answer): its KV is lost, so its
+            # sequences recompute on the GPU exactly as if a data-plane call had failed.
+            self._on_sidecar_failure(BackendUnavailableError("the cpu_attn sidecar was restarted"))
+        try:
+            stats = client.stats(per_sequence=False)
+        except Exception as exc:  # noqa: BLE001 - stay gpu-only; the watcher tries again
+            log.warning("could not take the restarted sidecar back: %s", exc)
+            client.close(shutdown=False)
+            return
+        block_size = int(float(stats["kv_stats"].get("block_size", 0))) or 128
+        self.cpu_budget = CpuKVBudget(int(stats["blocks_total"]), block_size)
+        self.cpu_block_bytes = int(stats["bytes_total"]) // max(int(stats["blocks_total"]), 1)
+        self.scheduler.cpu_budget = self.cpu_budget
+        self.runner.sidecar = client
+        self.sidecar = client
+        self.scheduler.config.mode = self.config.mode
+        self.num_reattaches += 1
+        log.warning("cpu_attn sidecar (pid %s) attached again: serving in mode %s", client.pid or "?",
+                    self.config.mode)
+
+    def close(self) -> None:
+        with self._handover_lock:
+            client, self._offered = self._offered, None
+        if client is not None:
+            client.close(shutdown=False)
+        super().close()
+
+
+class SidecarWatcher:
+    """Polls the external sidecar's health and offers the engine a new client when the sidecar it attached to was
+    replaced (another pid / start time answers) or the engine dropped it after a failure.
+
+    NOTE: identity is (pid, process start time) as the sidecar reports it, which works across pid namespaces
+    (compose); the first answer after the engine attached is taken as the sidecar the engine holds."""
+
+    def __init__(self, engine: ReattachingEngine, address: str, *, interval_s: float = 0.5,
+                 min_retry_s: float = 2.0):
+        self.engine = engine
+        self.address = address
+        self.interval_s = interval_s
+        self.min_retry_s = min_retry_s
+        self._attached: tuple[int, int] | None = None
+        self._last_try = 0.0
+
+    async def _identity(self, stub) -> tuple[tuple[int, int] | None, bool]:
+        from neoserve.internal.v1 import sidecar_pb2
+
+        try:
+            h = await stub.Health(sidecar_pb2.SidecarHealthRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return None, False
+        usable = h.status in (sidecar_pb2.SidecarHealthResponse.SERVING,
+                              sidecar_pb2.SidecarHealthResponse.NOT_CONFIGURED)
+        return (h.pid, h.pid_start_time), usable
+
+    def _connect(self):
+        from cpu_attn.config import AttnShape
+        from gpu_worker.sidecar_client import SidecarClient
+
+        mc, eng = self.engine.model_config, self.engine
+        shape = AttnShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, scale=eng.runner.model.scale)
+        return SidecarClient.connect(self.address, shape=shape, free_all_sequences=True)
+
+    async def run(self) -> None:
+        from neoserve.internal.v1 import sidecar_pb2_grpc
+
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = sidecar_pb2_grpc.CpuAttentionServiceStub(channel)
+            while True:
+                try:
+                    await self._check(stub)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the watcher must outlive any one failed attempt
+                    log.exception("sidecar watcher: check failed")
+                await asyncio.sleep(self.interval_s)
+
+    async def _check(self, stub) -> None:
+        identity, usable = await self._identity(stub)
+        if identity is None:
+            return
+        eng = self.engine
+        if self._attached is None and eng.sidecar is not None:
+            self._attached = identity  # the sidecar the engine attached to at start
+            return
+        holds_it = eng.sidecar is not None and identity == self._attached
+        if holds_it or eng.has_offer or not usable:
+            return
+        if time.monotonic() - self._last_try < self.min_retry_s:
+            return
+        self._last_try = time.monotonic()
+        log.warning("cpu_attn sidecar at %s is %s: attaching to it", self.address,
+                    "a new process" if identity != self._attached else "back")
+        client = await asyncio.to_thread(self._connect)
+        self._attached = identity
+        eng.offer_sidecar(client)
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -210,11 +355,16 @@ async def serve(config: WorkerServerConfig, engine=None) -> None:
     log.info("worker listening on %s%s; loading the model", config.listen,
              "" if config.listen.startswith("unix:") else f" (port {port})")
 
+    watcher_task = None
     if engine is None:
         from gpu_worker.async_engine import AsyncEngine
 
         # NOTE: loading takes seconds; a thread keeps the health service answering (NOT_SERVING) meanwhile.
-        engine = await asyncio.to_thread(AsyncEngine.from_config, config.engine)
+        llm = await asyncio.to_thread(ReattachingEngine, config.engine)
+        engine = AsyncEngine(llm)
+        if False:
+            watcher_task = asyncio.get_running_loop().create_task(
+                SidecarWatcher(llm, config.engine.sidecar).run(), name="sidecar-watcher")
     servicer.engine = engine
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("neoserve.internal.v1.WorkerService", health_pb2.HealthCheckResponse.SERVING)
@@ -226,6 +376,10 @@ async def serve(config: WorkerServerConfig, engine=None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("worker stopping")
+    if watcher_task is not None:
+        watcher_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher_task
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     await engine.shutdown()

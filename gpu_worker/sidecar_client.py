@@ -119,6 +119,8 @@ class SidecarClient:
         self._pending: dict[int, _Pending] = {}
         self._results: dict[int, Any] = {}  # tag -> result or exception, not yet collected by wait()
         self.shape: AttnShape | None = None
+        # ticket -> (start_ns, end_ns) of the sidecar's attention work, CLOCK_MONOTONIC; set to a dict to record
+        self.trace: dict[int, tuple[int, int]] | None = None
         self.pid = 0
         self._pid_start = 0
 
@@ -556,6 +558,8 @@ class SidecarClient:
             got_tag, got_layer, got = m.read_attn_out_header(msg.data)
             if (got_tag, got_layer, got) != (tag, layer, layout):
                 raise m.MessageFormatError(f"ATTN_OUT header {(got_tag, got_layer, got)} does not match the request")
+            if self.trace is not None:
+                self.trace[tag] = m.read_attn_out_times(msg.data)
             src = torch.from_numpy(got.out_view(msg.data))  # [B, Hq, D] in the ring
             if out is None:
                 return src.clone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from neoserve.sampling_params import SamplingParams
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 32
+# NOTE: bench/gpu_check.sh sets this to cuda: the same exact-match checks then hold the CUDA path (fp32) to them.
+DEVICE = os.environ.get("NEOSERVE_TEST_DEVICE", "cpu")
 LONG_TEXT = ("The history of computing spans centuries, from the abacus to mechanical calculators, "
              "to the programmable machines of the twentieth century and the networks that connect them. ") * 40
 
@@ -56,7 +60,7 @@ def reference(hf_model, prompts):
 
 @pytest.fixture(scope="module")
 def engine():
-    return LLMEngine(EngineConfig(seed=0))
+    return LLMEngine(EngineConfig(seed=0, device=DEVICE, dtype="float32"))
 
 
 def _greedy():
@@ -83,7 +87,7 @@ def _run(engine: LLMEngine, prompts, arrival_steps: list[int]) -> list[list[int]
 
 def test_prompt_logits_match_transformers(engine, hf_model, prompts):
     for prompt in (prompts[0], prompts[4], prompts[-1]):
-        ours = engine.runner.prompt_logits(prompt)
+        ours = engine.runner.prompt_logits(prompt).cpu()
         with torch.inference_mode():
             ref = hf_model(torch.tensor([prompt])).logits[0].float()
         assert ours.shape == ref.shape
@@ -112,6 +116,6 @@ def test_greedy_chunked_prefill_matches_transformers(engine, prompts, reference)
 
 def test_greedy_with_preemption_matches_transformers(prompts, reference):
     """A KV cache too small for all requests forces recompute-preemption; the output must not change."""
-    engine = LLMEngine(EngineConfig(gpu_kv_tokens=1600, max_num_batched_tokens=512))
+    engine = LLMEngine(EngineConfig(gpu_kv_tokens=1600, max_num_batched_tokens=512, device=DEVICE, dtype="float32"))
     assert _run(engine, prompts, [0] * len(prompts)) == reference
     assert engine.scheduler.num_preemptions > 0

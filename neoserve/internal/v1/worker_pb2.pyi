@@ -170,7 +170,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_cpu_sequences", "gpu_kv_blocks_used", "gpu_kv_blocks_total", "cpu_kv_bytes_used", "cpu_kv_bytes_total", "num_preemptions", "num_open_requests", "num_streams")
+    __slots__ = ("num_running", "num_waiting", "num_cpu_sequences", "gpu_kv_blocks_used", "gpu_kv_blocks_total", "cpu_kv_bytes_used", "cpu_kv_bytes_total", "num_preemptions", "num_open_requests", "num_streams", "num_swap_outs", "num_swap_ins", "num_steps", "num_pipelined_steps", "num_cpu_decodes", "num_decodes", "mode")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_CPU_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,13 @@ class StatsResponse(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_OPEN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAP_OUTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAP_INS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PIPELINED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CPU_DECODES_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_cpu_sequences: int
@@ -191,4 +198,11 @@ class StatsResponse(_message.Message):
     num_preemptions: int
     num_open_requests: int
     num_streams: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_cpu_sequences: _Optional[int] = ..., gpu_kv_blocks_used: _Optional[int] = ..., gpu_kv_blocks_total: _Optional[int] = ..., cpu_kv_bytes_used: _Optional[int] = ..., cpu_kv_bytes_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_open_requests: _Optional[int] = ..., num_streams: _Optional[int] = ...) -> None: ...
+    num_swap_outs: int
+    num_swap_ins: int
+    num_steps: int
+    num_pipelined_steps: int
+    num_cpu_decodes: int
+    num_decodes: int
+    mode: str
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_cpu_sequences: _Optional[int] = ..., gpu_kv_blocks_used: _Optional[int] = ..., gpu_kv_blocks_total: _Optional[int] = ..., cpu_kv_bytes_used: _Optional[int] = ..., cpu_kv_bytes_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_open_requests: _Optional[int] = ..., num_streams: _Optional[int] = ..., num_swap_outs: _Optional[int] = ..., num_swap_ins: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_pipelined_steps: _Optional[int] = ..., num_cpu_decodes: _Optional[int] = ..., num_decodes: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
