@@ -26,6 +26,9 @@ class EngineConfig(CliConfig):
     gpu_kv_tokens: int | None = flag(None, "cap the device KV cache at this many tokens (emulates memory pressure)")
     mode: str = flag("gpu-only", "where decode attention runs: gpu-only, cpu-all, or auto (NEO)", choices=MODES)
     cpu_kv_gib: float = flag(4.0, "KV cache in the cpu_attn sidecar, GiB")
+    cpu_kv_dtype: str = flag("float32", "storage dtype of the sidecar's KV cache (bfloat16 holds twice the tokens "
+                                        "and its kernel reads as many bytes/s; float32 matches the device exactly)",
+                             choices=("float32", "bfloat16", "float16"))
     sidecar: str | None = flag(None, "control address of a running cpu_attn sidecar (default: spawn one if needed)")
     cpu_attn_threads: int = flag(1, "threads of a sidecar the worker spawns (it pins itself to as many cores)")
     latency_bound_ms: float | None = flag(None, "per-token latency bound the auto scheduler plans under "

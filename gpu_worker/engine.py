@@ -73,7 +73,8 @@ class LLMEngine:
         from gpu_worker.sidecar_client import SidecarClient
 
         mc = self.model_config
-        shape = AttnShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, scale=self.runner.model.scale)
+        shape = AttnShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, dtype=self.config.cpu_kv_dtype,
+                          scale=self.runner.model.scale)
         if self.config.sidecar:
             sidecar = SidecarClient.connect(self.config.sidecar, shape=shape, free_all_sequences=True)
         else:
