@@ -36,7 +36,7 @@ RUN touch README.md \
 RUN useradd --uid 10001 --no-create-home neoserve && mkdir -p /models
 USER neoserve
 
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=10s --timeout=4s --start-period=120s \
     CMD ["python", "-m", "gateway.healthcheck", "127.0.0.1:50051"]
 # Default: the whole server in one container (`neoserve serve` supervises sidecar, worker and gateway).

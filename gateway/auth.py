@@ -1,7 +1,8 @@
-"""Optional API-key check on every public call except health checks.
+"""Optional API-key check on every public call except health checks, for both transports.
 
-The key travels in metadata as "authorization: Bearer KEY" or "x-api-key: KEY". NOTE: hmac.compare_digest makes
-the comparison constant-time, so response timing does not leak how much of a guessed key was right.
+The key travels in gRPC metadata or HTTP headers as "authorization: Bearer KEY" or "x-api-key: KEY". NOTE:
+hmac.compare_digest makes the comparison constant-time, so response timing does not leak how much of a guessed key
+was right.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def key_from_metadata(metadata) -> str | None:
+    """The key in (name, value) pairs with lower-case names (gRPC metadata; HTTP headers lower-cased)."""
     for key, value in metadata or ():
         if key == "x-api-key":
             return value
@@ -23,13 +25,20 @@ def key_from_metadata(metadata) -> str | None:
     return None
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyCheck:
+    """Whether the (name, value) pairs of a call carry the configured key."""
+
     def __init__(self, api_key: str):
         self._key = api_key.encode()
 
-    def _allowed(self, metadata) -> bool:
+    def allowed(self, metadata) -> bool:
         given = key_from_metadata(metadata)
         return given is not None and hmac.compare_digest(given.encode(), self._key)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, api_key: str):
+        self._allowed = ApiKeyCheck(api_key).allowed
 
     async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(EXEMPT_PREFIXES) or self._allowed(

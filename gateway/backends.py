@@ -19,7 +19,7 @@ from neoserve.tokenizer import Tokenizer
 from gateway.admission import Admission
 from gateway.healthcheck import sidecar_up
 from gateway.metrics import GatewayMetrics
-from gateway.servicer import ModelState
+from gateway.generation import ModelState
 from gateway.worker_client import CHANNEL_OPTIONS, WorkerClient
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,8 @@ class GatewayConfig(CliConfig):
     model: str | None = flag(None, "tokenizer source (default: whatever model the worker serves)")
     metrics_host: str = flag("127.0.0.1", "bind address of the Prometheus /metrics HTTP server")
     metrics_port: int = flag(9090, "Prometheus /metrics HTTP port (0: pick a free one; -1: disabled)")
+    http_port: int = flag(-1, "OpenAI-compatible HTTP port on --host (0: pick a free one; -1: disabled)")
+    served_model_name: str | None = flag(None, "model name of the OpenAI HTTP API (default: the model's own name)")
     port_file: str | None = flag(None, "write the bound ports here as JSON once listening")
     # NOTE: the worker keeps its own waiting queue (the NEO scheduler wants more requests than the GPU holds),
     # so max_inflight is deliberately larger than the engine's max_num_seqs.
@@ -43,8 +45,13 @@ class GatewayConfig(CliConfig):
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValidationError("port", f"must be in [0, 65535], got {self.port}")
-        if not -1 <= self.metrics_port <= 65535:
-            raise ValidationError("metrics_port", f"must be in [0, 65535], got {self.metrics_port} (-1 disables)")
+        for name in ("metrics_port", "http_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                raise ValidationError(name, f"must be in [0, 65535], got {getattr(self, name)} (-1 disables)")
+        if self.http_port > 0 and self.http_port in (self.port, self.metrics_port):
+            raise ValidationError("http_port", f"port {self.http_port} is already the gRPC or the metrics port")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValidationError("served_model_name", "must not be empty")
         if self.max_inflight < 1:
             raise ValidationError("max_inflight", f"must be at least 1, got {self.max_inflight}")
         if self.max_queued < 0:
@@ -68,3 +75,4 @@ class GatewayConfig(CliConfig):
     @property
     def listen_address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+

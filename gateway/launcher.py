@@ -34,6 +34,7 @@ log = logging.getLogger("neoserve.serve")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
+DEFAULT_HTTP_PORT = 8000
 
 
 @dataclass
@@ -41,6 +42,11 @@ class ServeConfig(CliConfig):
     host: str = flag("127.0.0.1", "public bind address of the gateway (loopback by default)")
     port: int = flag(50051, "public gRPC port (0: pick a free one)")
     metrics_port: int = flag(9090, "Prometheus /metrics port (0: pick a free one; -1: disabled)")
+    # NOTE: 8000 is where vLLM (and most OpenAI-compatible servers) listen, so existing client configs just work.
+    # Scripts and tests that ask for a free gRPC port (--port 0) get a free HTTP port too, never a collision on 8000.
+    http_port: int | None = flag(None, "OpenAI-compatible HTTP port (/v1/chat/completions, ...; default 8000, or a "
+                                       "free one with --port 0; 0: a free one; -1: disabled)")
+    served_model_name: str | None = flag(None, "model name of the OpenAI HTTP API (default: the model's own name)")
     max_inflight: int = flag(256, "requests the gateway forwards to the worker at once")
     max_queued: int = flag(512, "requests waiting in the gateway; beyond it RESOURCE_EXHAUSTED")
     api_key: str | None = flag(None, "require this API key on the public port (or env NEOSERVE_API_KEY); "
@@ -55,6 +61,13 @@ class ServeConfig(CliConfig):
     max_restarts: int = flag(5, "restarts allowed per child before the launcher gives up")
     drain_timeout_s: float = flag(30.0, "on Ctrl-C/SIGTERM: how long running streams may finish")
     state_file: str | None = flag(None, "write addresses and child pids here as JSON once serving (for scripts)")
+    log_prompts: bool = flag(False, "let the gateway log prompt text (never logged otherwise)")
+
+    @property
+    def resolved_http_port(self) -> int:
+        if self.http_port is not None:
+            return self.http_port
+        return 0 if self.port == 0 else DEFAULT_HTTP_PORT
 
 
 @dataclass
@@ -186,7 +199,9 @@ class Launcher:
         self.children: list[Child] = []
         self.gateway_port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._stop = threading.Event()
+        self._ready = False  # set once start() saw the gateway SERVING; the state file is written from then on
         self._quiet = quiet
         cpus = [int(c) for c in serve.cpus.split(",")] if serve.cpus else sorted(os.sched_getaffinity(0))
         have_sidecar = serve.sidecar_process and (PROJECT_ROOT / "cpu_attn" / "__main__.py").is_file()
@@ -213,6 +228,7 @@ class Launcher:
         self._gateway_port_file = self.run_dir / "gateway.json"
         gateway_argv = [py, "-m", "gateway", "--host", serve.host, "--port", str(serve.port),
                         "--worker-address", worker_address, "--metrics-port", str(serve.metrics_port),
+                        "--http-port", str(serve.resolved_http_port),
                         "--max-inflight", str(serve.max_inflight), "--max-queued", str(serve.max_queued),
                         "--drain-timeout-s", str(serve.drain_timeout_s), "--port-file", str(self._gateway_port_file),
                         "--model", engine_model or "embedded"]
@@ -220,6 +236,10 @@ class Launcher:
             gateway_argv += ["--sidecar-address", sidecar_address]
         if serve.tls_cert:
             gateway_argv += ["--tls-cert", serve.tls_cert, "--tls-key", serve.tls_key]
+        if serve.log_prompts:
+            gateway_argv.append("--log-prompts")
+        if serve.served_model_name:
+            gateway_argv += ["--served-model-name", serve.served_model_name]
         gateway_env = dict(child_env)
         if serve.api_key:
             gateway_env["NEOSERVE_API_KEY"] = serve.api_key
@@ -229,9 +249,20 @@ class Launcher:
         self._sidecar_address = sidecar_address
 
     @property
+    def _connect_host(self) -> str:
+        return "127.0.0.1" if self.serve.host in ("0.0.0.0", "::", "") else self.serve.host
+
+    @property
     def address(self) -> str:
-        host = "127.0.0.1" if self.serve.host in ("0.0.0.0", "::", "") else self.serve.host
-        return f"{host}:{self.gateway_port}"
+        return f"{self._connect_host}:{self.gateway_port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the OpenAI-compatible API (what OpenAI SDKs take as base_url), or None when disabled."""
+        if self.http_port is None:
+            return None
+        host = f"[{self._connect_host}]" if ":" in self._connect_host else self._connect_host
+        return f"{'https' if self.serve.tls_cert else 'http'}://{host}:{self.http_port}/v1"
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.spec.name == name)
@@ -253,8 +284,10 @@ class Launcher:
                 info = _read_json(self._gateway_port_file)
                 if info:
                     self.gateway_port, self.metrics_port = info["port"], info.get("metrics_port")
+                    self.http_port = info.get("http_port")
                     self._pin_gateway_port()
             if self.gateway_port is not None and self._serving():
+                self._ready = True
                 self._write_state()
                 return True
             self._stop.wait(0.2)
@@ -278,11 +311,16 @@ class Launcher:
         argv[argv.index("--port") + 1] = str(self.gateway_port)
         if self.metrics_port is not None:
             argv[argv.index("--metrics-port") + 1] = str(self.metrics_port)
+        if self.http_port is not None:
+            argv[argv.index("--http-port") + 1] = str(self.http_port)
 
     def _write_state(self) -> None:
-        if not self.serve.state_file:
+        # NOTE: the file's appearance tells scripts "serving at this address"; a child restarted during start-up
+        # must not write it before the gateway's port is known and it is SERVING.
+        if not self.serve.state_file or not self._ready:
             return
-        state = {"address": self.address, "metrics_port": self.metrics_port, "run_dir": str(self.run_dir),
+        state = {"address": self.address, "metrics_port": self.metrics_port, "http_port": self.http_port,
+                 "http_url": self.http_url, "run_dir": str(self.run_dir),
                  "pids": {c.spec.name: c.pid for c in self.children},
                  "worker_address": f"unix:{self.run_dir / 'worker.sock'}"}
         tmp = Path(self.serve.state_file + ".tmp")

@@ -1,5 +1,7 @@
-"""Turns a public GenerateRequest into what the worker runs: prompt token ids and validated SamplingParams.
+"""Turns a client request into what the worker runs: prompt token ids and validated SamplingParams.
 
+`PreparedRequest` is the transport-neutral result. This module builds it from a gRPC GenerateRequest and holds the
+input checks both transports share (gateway/openai_protocol.py builds it from OpenAI JSON with the same helpers).
 All client-input validation happens here (and in SamplingParams itself), so a bad field is reported with its name
 before any work reaches the worker.
 """
@@ -22,9 +24,12 @@ MAX_PROMPT_CHARS = 4_000_000  # NOTE: bounds tokenizer work per request long bef
 
 @dataclass
 class PreparedRequest:
+    """A validated request, whichever transport it came from."""
+
     prompt_token_ids: list[int]
     params: SamplingParams
-    skip_special_tokens: bool
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 def sampling_params_from_proto(sp: pb.SamplingParameters) -> tuple[SamplingParams, bool]:
@@ -42,40 +47,48 @@ def sampling_params_from_proto(sp: pb.SamplingParameters) -> tuple[SamplingParam
     return params, skip_special
 
 
-def chat_messages_from_proto(chat: pb.Chat) -> list[dict[str, str]]:
-    if not chat.messages:
-        raise ValidationError("chat.messages", "must contain at least one message")
-    if len(chat.messages) > MAX_CHAT_MESSAGES:
-        raise ValidationError("chat.messages", f"at most {MAX_CHAT_MESSAGES} messages")
-    messages = []
-    for i, m in enumerate(chat.messages):
-        if not m.role:
-            raise ValidationError(f"chat.messages[{i}].role", "must not be empty")
-        messages.append({"role": m.role, "content": m.content})
-    return messages
+def check_messages(messages: list[dict[str, str]], field: str) -> None:
+    """Bounds a conversation before the chat template renders it. `field` is the transport's name for the list."""
+    if not messages:
+        raise ValidationError(field, "must contain at least one message")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise ValidationError(field, f"at most {MAX_CHAT_MESSAGES} messages")
+    for i, m in enumerate(messages):
+        if not m["role"]:
+            raise ValidationError(f"{field}[{i}].role", "must not be empty")
+    if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+        raise ValidationError(field, f"at most {MAX_PROMPT_CHARS} characters in all")
+
+
+def encode_text(text: str, tokenizer, field: str) -> list[int]:
+    """Token ids of a raw-text prompt (tokenized as is). `field` names it in errors."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValidationError(field, f"at most {MAX_PROMPT_CHARS} characters")
+    if not text:
+        raise ValidationError(field, "must not be empty")
+    return list(tokenizer.encode(text))
+
+
+def encode_chat(messages: list[dict[str, str]], tokenizer, field: str) -> list[int]:
+    """Token ids of a conversation: checked, rendered with the model's chat template plus the generation prompt."""
+    check_messages(messages, field)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValidationError as e:  # the tokenizer names the field "messages"; the transport may call it otherwise
+        raise ValidationError(field, e.message) from e
+    if isinstance(ids, str):
+        ids = tokenizer.encode(ids)
+    return list(ids)
 
 
 def prompt_token_ids(request, tokenizer) -> list[int]:
     """Token ids of a GenerateRequest's or TokenizeRequest's input (whichever oneof member is set)."""
     kind = request.WhichOneof("input")
     if kind in ("prompt", "text"):
-        text = getattr(request, kind)
-        if len(text) > MAX_PROMPT_CHARS:
-            raise ValidationError(kind, f"at most {MAX_PROMPT_CHARS} characters")
-        if not text:
-            raise ValidationError(kind, "must not be empty")
-        return list(tokenizer.encode(text))
+        return encode_text(getattr(request, kind), tokenizer, kind)
     if kind == "chat":
-        messages = chat_messages_from_proto(request.chat)
-        if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
-            raise ValidationError("chat.messages", f"at most {MAX_PROMPT_CHARS} characters in all")
-        try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValidationError as e:  # the tokenizer names the field "messages"; ours is "chat.messages"
-            raise ValidationError("chat.messages", e.message) from e
-        if isinstance(ids, str):
-            ids = tokenizer.encode(ids)
-        return list(ids)
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        return encode_chat(messages, tokenizer, "chat.messages")
     if kind == "prompt_token_ids":
         return list(request.prompt_token_ids.ids)
     raise ValidationError("input", "set one of prompt, chat or prompt_token_ids")

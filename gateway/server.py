@@ -1,4 +1,5 @@
-"""Assembles the gateway process: public gRPC server (inference, health, reflection), worker link, metrics, drain."""
+"""Assembles the gateway process: public gRPC server (inference, health, reflection), the optional OpenAI HTTP
+endpoint (same request path, see gateway/generation.py), worker link, metrics, drain."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 from pathlib import Path
 
 import grpc
@@ -21,8 +23,10 @@ from gateway.admission import Admission
 from gateway.auth import ApiKeyInterceptor
 from gateway.backends import NOT_SERVING, PUBLIC_SERVICE, BackendMonitor
 from gateway.config import GatewayConfig
+from gateway.generation import GenerationService, ModelState
 from gateway.metrics import GatewayMetrics
-from gateway.servicer import InferenceServicer, ModelState
+from gateway.openai_http import OpenAIServer
+from gateway.servicer import InferenceServicer
 from gateway.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,18 @@ def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=root is not None)
 
 
+def http_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The HTTP port serves TLS with the same certificate (and client CA) as the gRPC port, or neither does."""
+    if config.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
@@ -68,16 +84,20 @@ class Gateway:
         )
         interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
         self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
-        pb_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.model, self.worker, self.admission, self.metrics, log_prompts=config.log_prompts),
-            self.server,
-        )
+        self.service = GenerationService(self.model, self.worker, self.admission, self.metrics,
+                                         log_prompts=config.log_prompts)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service), self.server)
+        self.http: OpenAIServer | None = None
+        if config.http_port >= 0:
+            self.http = OpenAIServer(self.service, api_key=config.api_key, served_model_name=config.served_model_name,
+                                     serving=lambda: self.monitor.serving, registry=self.metrics.registry)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name, health.SERVICE_NAME,
              reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._monitor_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
 
@@ -90,15 +110,20 @@ class Gateway:
         for service in ("", PUBLIC_SERVICE):
             await self.health.set(service, NOT_SERVING)
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start(self.config.host, self.config.http_port,
+                                                   http_ssl_context(self.config))
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
         self.worker.start()
         self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run(), name="backend-monitor")
         if self.config.port_file:
             tmp = Path(self.config.port_file + ".tmp")
-            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
+                                       "http_port": self.http_port, "pid": os.getpid()}))
             tmp.replace(self.config.port_file)  # NOTE: atomic, so a reader never sees half a file
-        log.info("gateway listening on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
+        log.info("gateway listening on %s:%d (OpenAI HTTP port %s, metrics port %s)", self.config.host, self.port,
+                 self.http_port, self.metrics_port)
 
     async def drain_and_stop(self) -> None:
         """Refuses new requests (UNAVAILABLE), lets running streams finish for drain_timeout_s, then stops."""
@@ -113,6 +138,8 @@ class Gateway:
         await self.monitor.set_serving(False)
         if not await self.admission.wait_idle(self.config.drain_timeout_s):
             log.warning("drain timeout: cutting %d streams", self.admission.inflight)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         await self.worker.close()
         await self.monitor.close()

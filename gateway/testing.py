@@ -7,6 +7,7 @@ that it exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -31,6 +33,12 @@ class ServerHandle:
     run_dir: str
     state_file: Path
     log_path: Path
+    http_port: int | None = None  # OpenAI-compatible HTTP API
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI API (an OpenAI SDK's base_url)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def state(self) -> dict:
         return json.loads(self.state_file.read_text())
@@ -46,21 +54,26 @@ class ServerHandle:
 def start_server(extra_args: list[str], workdir: Path, timeout: float = 300.0) -> ServerHandle:
     state_file = workdir / "state.json"
     log_path = workdir / "serve.log"
-    argv = [sys.executable, "-m", "neoserve.cli", "serve", "--port", "0", "--metrics-port", "0",
+    argv = [sys.executable, "-m", "neoserve.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
             "--state-file", str(state_file), *extra_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+    state = _wait_for_file(state_file, proc, log_path, timeout, "neoserve serve")
+    return ServerHandle(proc, state["address"], state["worker_address"], state["metrics_port"], state["run_dir"],
+                        state_file, log_path, state.get("http_port"))
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen, log_path: Path, timeout: float, what: str) -> dict:
+    """The JSON a starting process writes once it listens; kills it and raises with its log if that never comes."""
     deadline = time.monotonic() + timeout
-    while not state_file.exists():
+    while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-            raise RuntimeError(f"neoserve serve did not come up:\n{log_path.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.2)
-    state = json.loads(state_file.read_text())
-    return ServerHandle(proc, state["address"], state["worker_address"], state["metrics_port"], state["run_dir"],
-                        state_file, log_path)
+            raise RuntimeError(f"{what} did not come up:\n{log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.1)
+    return json.loads(path.read_text())
 
 
 def stop_server(handle: ServerHandle, timeout: float = 60.0) -> int:
@@ -93,11 +106,11 @@ def leftovers(state: dict) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="session")
-def neoserve_server():
-    """The running server; teardown stops it with SIGTERM and fails if anything is left behind."""
-    with tempfile.TemporaryDirectory(prefix="neoserve-test-") as tmp:
-        handle = start_server(["--worker-threads", "1", "--drain-timeout-s", "5"], Path(tmp))
+@contextlib.contextmanager
+def running_server(extra_args: list[str], prefix: str = "neoserve-test-") -> Iterator[ServerHandle]:
+    """A server for the body; on exit stops it with SIGTERM and fails if a process, folder or segment is left."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        handle = start_server(extra_args, Path(tmp))
         try:
             yield handle
         finally:
@@ -105,3 +118,79 @@ def neoserve_server():
             code = stop_server(handle)
             left = leftovers(state)
             assert code == 0 and not left, f"launcher exit {code}; left behind: {left}\n{handle.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def neoserve_server():
+    """The running server shared by the session's end-to-end tests."""
+    with running_server(["--worker-threads", "1", "--drain-timeout-s", "5"]) as handle:
+        yield handle
+
+
+# --- shared helpers of the end-to-end tests --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def neoserve_reference_engine():
+    """The engine in the test process with the server worker's defaults: the reference for generated tokens."""
+    import torch
+
+    from gpu_worker.config import EngineConfig
+    from gpu_worker.engine import LLMEngine
+
+    torch.set_num_threads(1)
+    return LLMEngine(EngineConfig(threads=1))
+
+
+def engine_generate(engine, prompts: list[list[int]], params) -> list[tuple[list[int], str]]:
+    """Runs the prompts to completion in an in-process engine: (token ids, finish reason) each."""
+    ids = {f"ref-{i}-{time.monotonic_ns()}": i for i in range(len(prompts))}
+    out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    reasons: dict[int, str] = {}
+    for rid, i in ids.items():
+        engine.add_request(rid, prompts[i], params)
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[ids[o.request_id]] += o.new_token_ids
+            if o.finished:
+                reasons[ids[o.request_id]] = o.finish_reason.value
+    return [(out[i], reasons[i]) for i in range(len(prompts))]
+
+
+def worker_stats(worker_address: str):
+    """The worker's StatsResponse (open requests, KV blocks and bytes in use)."""
+    import grpc
+
+    from neoserve.internal.v1 import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(worker_address) as channel:
+        return worker_pb2_grpc.WorkerServiceStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5)
+
+
+def wait_kv_idle(worker_address: str, timeout: float = 10.0):
+    """Waits until the worker holds no request and no KV cache; fails the test if it does not in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = worker_stats(worker_address)
+        if s.num_open_requests == 0 and s.num_running == 0 and s.num_waiting == 0 and s.gpu_kv_blocks_used == 0 \
+                and s.cpu_kv_bytes_used == 0:
+            return s
+        if time.monotonic() > deadline:
+            pytest.fail(f"KV not freed: {s}")
+        time.sleep(0.05)
+
+
+def start_gateway(worker_address: str, workdir: Path, *extra_args: str,
+                  api_key: str | None = None) -> tuple[subprocess.Popen, dict]:
+    """A second gateway process (free ports) in front of a running worker; returns it and its port file's content.
+    The caller stops it (SIGTERM) and waits for it."""
+    port_file = workdir / "gateway.json"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    if api_key:
+        env["NEOSERVE_API_KEY"] = api_key
+    log_path = workdir / "gateway.log"
+    with open(log_path, "wb") as log:  # NOTE: a file, not a pipe: a full pipe would block the gateway's logging
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "--port", "0", "--metrics-port", "-1",
+                                 "--worker-address", worker_address, "--model", "embedded", "--port-file",
+                                 str(port_file), "--health-interval-s", "0.2", *extra_args],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, _wait_for_file(port_file, proc, log_path, 60.0, "the gateway")

@@ -1,6 +1,7 @@
 """The `neoserve` command.
 
     neoserve serve [--model PATH] [--port 50051]     # sidecar + worker + gateway, supervised; Ctrl-C drains and exits
+                   [--http-port 8000]                # OpenAI-compatible HTTP API (-1: off)
     neoserve serve --once "Tell me a joke" --chat    # serve, stream one reply to the terminal, exit
     neoserve generate "Once upon a time" [--chat] [--max-tokens N] [--address HOST:PORT]
 """
@@ -77,6 +78,8 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.once else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     serve_config = ServeConfig.from_cli_args(args)
+    if args.once is not None:
+        serve_config.http_port = -1  # NOTE: one reply over gRPC: no HTTP port to open (or collide on)
     engine_config = EngineConfig.from_cli_args(args)
     if engine_config.threads is not None:  # the launcher passes --threads from its CPU plan; an explicit one wins
         serve_config.worker_threads = engine_config.threads
@@ -97,7 +100,9 @@ def cmd_serve(args) -> int:
         else:
             metrics = (f"; metrics at http://{serve_config.host}:{launcher.metrics_port}/metrics"
                        if launcher.metrics_port else "")
-            print(f"neoserve: serving on {launcher.address} (gRPC, neoserve.v1.InferenceService){metrics}\n"
+            http = (f"\n  OpenAI-compatible HTTP API at {launcher.http_url} (the base_url for OpenAI SDKs)"
+                    if launcher.http_url else "")
+            print(f"neoserve: serving on {launcher.address} (gRPC, neoserve.v1.InferenceService){metrics}{http}\n"
                   f"  try:  neoserve generate --address {launcher.address} --chat \"Hello!\"\n"
                   f"  stop: Ctrl-C", flush=True)
             code = launcher.run_until_stopped()
