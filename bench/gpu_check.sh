@@ -9,7 +9,7 @@
 # budget, all under one overall deadline (GPU_CHECK_BUDGET_S, default 465 s):
 #   preflight    GPU, torch, the Python modules the server imports, the embedded model
 #   build        python setup.py build_ext --inplace (CPU attention kernel, shm atomics)
-#   pytest-cuda  NEOSERVE_TEST_DEVICE=cuda python -m pytest tests/test_engine_vs_transformers.py -q
+#   pytest-cuda  NEOSERVE_TEST_DEVICE=cuda python -m pytest tests/test_engine_vs_transformers.py tests/test_neo_modes.py
 #   cuda-vs-cpu  bench/cuda_vs_cpu.py: greedy tokens + teacher-forced logits, cuda bf16/fp32 vs cpu fp32 (SmolLM2)
 #   cpu-attn     bench/bench_cpu_attn.py --quick   (if present)
 #   ring         bench/bench_ring.py --quick       (if present)
@@ -135,7 +135,7 @@ set_note "$(tail -n 1 "$WORK/preflight.log")"
 run_stage build 90 "$PY" setup.py -q build_ext --inplace --build-temp "$WORK/build"
 
 # --- CUDA correctness -------------------------------------------------------------------------------------------------
-run_stage pytest-cuda 120 "$PY" -m pytest tests/test_engine_vs_transformers.py -q -p no:cacheprovider
+run_stage pytest-cuda 150 "$PY" -m pytest tests/test_engine_vs_transformers.py tests/test_neo_modes.py -q -p no:cacheprovider
 set_note "$(grep -E '[0-9]+ (passed|failed|error)' "$WORK/pytest-cuda.log" | tail -n 1 | cut -c1-100)"
 
 run_stage cuda-vs-cpu 120 "$PY" bench/cuda_vs_cpu.py --device "$CHECK_DEVICE" --dtypes bfloat16,float32 --out "$OUT_DIR"

@@ -36,7 +36,8 @@ class PagedKVCache:
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots [N] -> k, v [N, Hkv, D]."""
-        return self.data[layer, 0].index_select(0, slots), self.data[layer, 1].index_select(0, slots)
+        kv = self.data[layer].index_select(1, slots)  # [2, N, Hkv, D]
+        return kv[0], kv[1]
 
 
 @dataclass
@@ -105,7 +106,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context
     """q [n, Hq, D]; k, v [context_start + n, Hkv, D] (the whole context, new tokens last) -> [n, Hq * D]."""
     n, hq, d = q.shape
     hkv = k.shape[1]
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, tokens, D]
+    # NOTE: 4-D [1, heads, tokens, D]: CUDA's flash and memory-efficient kernels take only 4-D inputs.
+    qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     gqa = hq != hkv
     if context_start == 0:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -114,7 +116,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context
         qpos = torch.arange(n, device=q.device).unsqueeze(1) + context_start
         mask = torch.arange(k.shape[0], device=q.device).unsqueeze(0) <= qpos  # [n, ctx]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1).reshape(n, hq * d)  # [n, Hq * D]
+    return out[0].transpose(0, 1).reshape(n, hq * d)  # [n, Hq * D]
 
 
 def paged_attention(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

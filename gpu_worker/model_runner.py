@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -85,6 +86,9 @@ class ModelRunner:
         if cfg.gpu_kv_gib is not None:
             budget = cfg.gpu_kv_gib * GIB
         elif self.device.type == "cuda":
+            # NOTE: memory the caching allocator holds (e.g. the unfused weights freed after fusing) is free to us.
+            gc.collect()
+            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = max(0, free * 0.9 - CUDA_ACTIVATION_RESERVE)
         else:
@@ -206,8 +210,15 @@ class ModelRunner:
         return self.tracer.span(name) if self.tracer is not None else contextlib.nullcontext()
 
     def _collect(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
-        if ticket is not None:
-            out[:nc] = self.sidecar.wait(ticket).view(nc, -1).to(out.device, out.dtype)
+        if ticket is None:
+            return out
+        if out.is_cuda:
+            # NOTE: through pinned memory and non_blocking: a copy from pageable memory would drain the stream.
+            host = torch.empty(nc, out.shape[1], dtype=torch.float32, pin_memory=True)
+            self.sidecar.wait(ticket, out=host.view(nc, self.model_config.num_heads, -1))
+            out[:nc] = host.to(out.device, non_blocking=True)
+        else:
+            out[:nc] = self.sidecar.wait(ticket).view(nc, -1)
         return out
 
     def _forward(self, batch: "_FlatBatch") -> torch.Tensor:

@@ -101,7 +101,7 @@ def profile(runner, sidecar) -> PerfModel:
     for t in LINEAR_POINTS:
         x = torch.randn(t, mc.hidden_size, device=dev, dtype=dtype)
         attn = torch.randn(t, mc.q_size, device=dev, dtype=dtype)
-        rope = model.rope_tables(torch.arange(t, device=dev))
+        rope = model.rope_tables(torch.arange(t, device=dev) % runner.max_model_len)
 
         def one_layer():
             model.pre_attention(0, x, rope)
@@ -138,13 +138,16 @@ def profile(runner, sidecar) -> PerfModel:
                      transfer_per_byte=transfer, bytes_per_cpu_seq=per_seq)
 
 
-def profile_key(runner, sidecar) -> str:
+def profile_key(runner, sidecar) -> str:  # noqa: ARG001 (the sidecar's settings come from the worker config)
     mc = runner.model_config
     dev = torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu"
     shape = f"{mc.architecture}-L{mc.num_layers}-H{mc.hidden_size}-I{mc.intermediate_size}-h{mc.num_heads}-" \
             f"kv{mc.num_kv_heads}-d{mc.head_dim}-V{mc.vocab_size}"
-    threads = f"t{torch.get_num_threads()}-s{getattr(sidecar, 'threads', 0)}"
-    return "_".join(x.replace(" ", "-").replace("/", "-") for x in (shape, str(runner.dtype), dev, threads))
+    cfg = runner.config
+    sidecar_kind = f"{cfg.sidecar or 'spawned'}-s{cfg.cpu_attn_threads}-{cfg.cpu_kv_dtype}"
+    threads = f"t{torch.get_num_threads()}-{sidecar_kind}"
+    return "_".join(x.replace(" ", "-").replace("/", "-").replace(":", "-")
+                    for x in (shape, str(runner.dtype), dev, threads))
 
 
 def load_or_profile(runner, sidecar) -> PerfModel:

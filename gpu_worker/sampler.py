@@ -54,7 +54,7 @@ def _flat_index(token_ids: list[list[int]], vocab_size: int, device) -> torch.Te
     flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total))
     lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.int64)
     rows = torch.repeat_interleave(torch.arange(len(token_ids), dtype=torch.int64), lengths)  # [total]
-    return (rows * vocab_size + flat).to(device)
+    return (rows * vocab_size + flat).to(device, non_blocking=True)
 
 
 def token_counts(token_ids: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -182,17 +182,17 @@ class SamplingBatch:
                         seeded_rows.append((i, g))
                     else:
                         unseeded.append(i)
-            floats = torch.tensor([temps, min_ps], dtype=torch.float32).to(device)  # [2, B]
+            floats = torch.tensor([temps, min_ps], dtype=torch.float32).to(device, non_blocking=True)  # [2, B]
             temperature = floats[0]
             if any(m > 0.0 for m in min_ps):
                 min_p = floats[1]
             if filter_rows:
-                ints = torch.tensor([filter_rows, filter_ks], dtype=torch.int64).to(device)  # [2, R]
+                ints = torch.tensor([filter_rows, filter_ks], dtype=torch.int64).to(device, non_blocking=True)  # [2, R]
                 filter_rows_t, filter_top_k = ints[0], ints[1]
                 if any(t > 0.0 for t in filter_thresholds):
-                    filter_threshold = torch.tensor(filter_thresholds, dtype=torch.float32).to(device)  # [R]
+                    filter_threshold = torch.tensor(filter_thresholds, dtype=torch.float32).to(device, non_blocking=True)  # [R]
             if unseeded:
-                unseeded_rows = torch.tensor(unseeded, dtype=torch.int64).to(device)
+                unseeded_rows = torch.tensor(unseeded, dtype=torch.int64).to(device, non_blocking=True)
 
         penalties = None
         uses_repetition = [p.repetition_penalty != 1.0 for p in params]
@@ -212,7 +212,7 @@ class SamplingBatch:
                 [[p.repetition_penalty for p in params], [p.presence_penalty for p in params],
                  [p.frequency_penalty for p in params]],
                 dtype=torch.float32,
-            ).to(device)  # [3, B]
+            ).to(device, non_blocking=True)  # [3, B]
             penalties = Penalties(
                 repetition=pen[0] if any(uses_repetition) else None,
                 presence=pen[1] if any(uses_openai) else None,
@@ -229,7 +229,7 @@ class SamplingBatch:
                 mask_ids.extend(banned)
         min_tokens_mask = None
         if mask_rows:
-            pairs = torch.tensor([mask_rows, mask_ids], dtype=torch.int64).to(device)  # [2, M]
+            pairs = torch.tensor([mask_rows, mask_ids], dtype=torch.int64).to(device, non_blocking=True)  # [2, M]
             min_tokens_mask = (pairs[0], pairs[1])
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -239,7 +239,7 @@ class SamplingBatch:
             device=device,
             all_greedy=all_greedy,
             any_greedy=any(greedy),
-            greedy=None if all_greedy else torch.tensor(greedy, dtype=torch.bool).to(device),
+            greedy=None if all_greedy else torch.tensor(greedy, dtype=torch.bool).to(device, non_blocking=True),
             temperature=temperature,
             filter_rows=filter_rows_t,
             filter_top_k=filter_top_k,

@@ -224,6 +224,13 @@ class Scheduler:
                 and self.cpu_budget.can_reserve(seq, seq.num_tokens))
 
     def _swap_out(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if seq in out.swap_in:  # swapped in earlier in this step: its KV is still in the sidecar, cancel instead
+            out.swap_in.remove(seq)
+            self.block_manager.free(seq)
+            self.cpu_budget.reserve(seq, seq.num_tokens)
+            seq.location = KVLocation.CPU
+            self.num_swap_ins -= 1
+            return
         table = seq.block_table
         self.block_manager.free(seq)  # NOTE: the runner copies `table` out before this step's writes reuse it
         self.cpu_budget.reserve(seq, seq.num_tokens)

@@ -12,13 +12,14 @@ from gpu_worker.engine import LLMEngine
 from neoserve.errors import ValidationError
 from neoserve.outputs import FinishReason
 from neoserve.sampling_params import SamplingParams
+from tests.test_engine_vs_transformers import DEVICE
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return LLMEngine(EngineConfig(threads=1, max_model_len=512))
+    return LLMEngine(EngineConfig(threads=1, max_model_len=512, device=DEVICE, dtype="float32"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine import LLMEngine
 from neoserve.sampling_params import SamplingParams
-from tests.test_engine_vs_transformers import _hf_greedy
+from tests.test_engine_vs_transformers import DEVICE, _hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,7 @@ def prompts(tokenizer):
 
 
 def _run(config: EngineConfig, prompts, stagger: int = 2) -> tuple[list[list[int]], object]:
+    config.device, config.dtype = DEVICE, "float32"  # exact comparisons need fp32 wherever the device is
     engine = LLMEngine(config)
     try:
         params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)

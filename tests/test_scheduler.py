@@ -264,3 +264,26 @@ def test_planner_defers_under_latency_bound_but_never_starves():
 def test_planner_without_cost_model_splits_halves():
     plan = PipelinePlanner().plan(gpu_tokens=0, gpu_context_tokens=0, cpu_seqs=_cpu_seqs([100, 100, 100, 100]))
     assert len(plan.sub_batch_a) == 2 and len(plan.sub_batch_b) == 2
+
+
+def test_a_sequence_swapped_in_is_not_swapped_out_in_the_same_step():
+    """A chunked prefill that needs room must not push out the sequence that was just swapped in: its KV is still
+    in the sidecar (regression: the runner then uploaded unfilled blocks)."""
+    bm, cpu = BlockManager(num_blocks=14, block_size=16), CpuKVBudget(100, 16)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, mode="auto"), bm, cpu)
+    a = make_seq(300, name="a")  # chunked prefill in progress: 128 of 300 tokens computed
+    a.status, a.num_computed_tokens = SequenceStatus.RUNNING, 128
+    bm.allocate(a, 128)
+    b = make_seq(40, name="b")  # decoding on the CPU
+    b.output_token_ids.append(7)
+    b.status, b.location, b.num_computed_tokens = SequenceStatus.RUNNING, KVLocation.CPU, 40
+    cpu.reserve(b, b.num_tokens)
+    sched.running = [a, b]
+    out = sched.schedule()
+    swapped_in = {s.seq_id for s in out.swap_in}
+    swapped_out = {s.seq_id for s, _ in out.swap_out}
+    assert not swapped_in & swapped_out
+    gpu_rows = [s.seq for s in out.decodes + out.prefills]
+    if b.location == KVLocation.CPU:  # the swap-in was cancelled: b keeps decoding from the sidecar
+        assert b.block_table == [] and b not in gpu_rows and not out.swap_in
+    assert bm.num_used_blocks <= bm.num_blocks

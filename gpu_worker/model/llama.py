@@ -91,10 +91,11 @@ class LlamaModel:
         layer = self.layers[i]
         h = rms_norm(x, layer.input_norm, c.rms_norm_eps)  # [T, hidden]
         qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        qk, v = qkv.split([c.q_size + c.kv_size, c.kv_size], dim=-1)
         cos, sin = rope
-        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)  # [T, Hq, D]
-        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)  # [T, Hkv, D]
+        # NOTE: q and k heads rotate together in one pass (same positions), halving the elementwise ops.
+        qk = apply_rope(qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # [T, Hq + Hkv, D]
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
         return q, k, v.view(-1, c.num_kv_heads, c.head_dim)
 
     def post_attention(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
