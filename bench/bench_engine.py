@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -46,12 +47,16 @@ def theirs(model, prompts, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(fn, target, prompts, new_tokens: int) -> float:
-    """Decode tokens/s: (n - 1) decode steps per sequence over the time beyond a 1-token (prefill-only) run."""
+def decode_rate(fn, target, prompts, new_tokens: int, repeats: int) -> float:
+    """Decode tokens/s: (n - 1) decode steps per sequence over the time beyond a 1-token (prefill-only) run.
+    The median of `repeats` measurements, so one disturbed run (a shared machine) does not decide the figure."""
     fn(target, prompts, 2)  # warm-up
-    t_prefill = fn(target, prompts, 1)
-    t_full = fn(target, prompts, new_tokens)
-    return len(prompts) * (new_tokens - 1) / max(t_full - t_prefill, 1e-9)
+    rates = []
+    for _ in range(repeats):
+        t_prefill = fn(target, prompts, 1)
+        t_full = fn(target, prompts, new_tokens)
+        rates.append(len(prompts) * (new_tokens - 1) / max(t_full - t_prefill, 1e-9))
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -59,10 +64,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (figures not meaningful)")
     args = parser.parse_args()
     if args.quick:
-        args.new_tokens, args.prompt_len = 6, 16
+        args.new_tokens, args.prompt_len, args.repeats = 6, 16, 1
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
@@ -75,8 +81,8 @@ def main() -> None:
     rows = []
     for batch in (1, 32):
         prompts = _prompts(batch, args.prompt_len, vocab)
-        r_ours = decode_rate(ours, engine, prompts, args.new_tokens)
-        r_hf = decode_rate(theirs, hf, prompts, args.new_tokens)
+        r_ours = decode_rate(ours, engine, prompts, args.new_tokens, args.repeats)
+        r_hf = decode_rate(theirs, hf, prompts, args.new_tokens, args.repeats)
         rows.append((batch, r_ours, r_hf))
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
