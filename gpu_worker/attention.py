@@ -123,8 +123,13 @@ def paged_attention(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.T
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Writes the new tokens' K/V into the cache, then attends. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
     cache.write(layer, meta.slot_mapping, k, v)
-    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
     nd = meta.num_decodes
+    if nd == q.shape[0]:  # decodes only: no output buffer to assemble
+        b, L = meta.decode_slots.shape
+        kc, vc = cache.gather(layer, meta.decode_slots.view(-1))  # [B * L, Hkv, D]
+        return decode_attention(q, kc.view(b, L, *kc.shape[1:]), vc.view(b, L, *vc.shape[1:]), meta.decode_mask,
+                                scale)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
     if nd:
         b, L = meta.decode_slots.shape
         kc, vc = cache.gather(layer, meta.decode_slots.view(-1))  # [B * L, Hkv, D]

@@ -29,6 +29,8 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op; same numbers as the line below in fp32
     # NOTE: normalise in fp32 and cast back before the weight multiply, as transformers' LlamaRMSNorm does.
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
