@@ -205,6 +205,7 @@ class ReattachingEngine(LLMEngine):
         super().__init__(config)
         self._handover_lock = threading.Lock()
         self._offered = None  # a connected, configured SidecarClient waiting for the engine thread
+        self._dropped: str | None = None  # why the sidecar is known dead, until the engine thread acts on it
         self.num_reattaches = 0
 
     def offer_sidecar(self, client) -> None:
@@ -213,13 +214,35 @@ class ReattachingEngine(LLMEngine):
         if old is not None:
             old.close(shutdown=False)
 
+    def drop_sidecar(self, reason: str) -> None:
+        """The sidecar process is gone: fail over before the next step rather than at its next data-plane call.
+        NOTE: a step that would otherwise reach a sidecar restarted at the same address would get "not configured"
+        answers (a failed step, not a fail-over); dropping early closes that window."""
+        with self._handover_lock:
+            self._dropped = reason
+
     @property
     def has_offer(self) -> bool:
         return self._offered is not None
 
+    def abort_request(self, request_id: str):
+        try:
+            return super().abort_request(request_id)
+        except BackendUnavailableError as exc:
+            if self.sidecar is None:
+                raise
+            # NOTE: the sidecar died before a step noticed, so freeing this request's CPU KV failed. That KV died
+            # with the process: fail over now and abort locally, instead of letting the error escape the engine
+            # loop (AsyncEngine runs aborts outside its try, and its thread would end: every stream would hang).
+            self._on_sidecar_failure(exc)
+            return super().abort_request(request_id)
+
     def step(self):
         with self._handover_lock:
             client, self._offered = self._offered, None
+            dropped, self._dropped = self._dropped, None
+        if dropped is not None and self.sidecar is not None:
+            self._on_sidecar_failure(BackendUnavailableError(dropped))
         if client is not None:
             self._reattach(client)
         return super().step()
@@ -271,17 +294,19 @@ class SidecarWatcher:
         self.min_retry_s = min_retry_s
         self._attached: tuple[int, int] | None = None
         self._last_try = 0.0
+        self._dropped = False
 
-    async def _identity(self, stub) -> tuple[tuple[int, int] | None, bool]:
+    async def _identity(self, stub) -> tuple[tuple[int, int] | None, bool, bool]:
+        """(pid and start time, usable, gone): gone when nothing listens any more (not merely slow to answer)."""
         from neoserve.internal.v1 import sidecar_pb2
 
         try:
             h = await stub.Health(sidecar_pb2.SidecarHealthRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            return None, False
+        except grpc.aio.AioRpcError as e:
+            return None, False, e.code() == grpc.StatusCode.UNAVAILABLE
         usable = h.status in (sidecar_pb2.SidecarHealthResponse.SERVING,
                               sidecar_pb2.SidecarHealthResponse.NOT_CONFIGURED)
-        return (h.pid, h.pid_start_time), usable
+        return (h.pid, h.pid_start_time), usable, False
 
     def _connect(self):
         from cpu_attn.config import AttnShape
@@ -306,10 +331,15 @@ class SidecarWatcher:
                 await asyncio.sleep(self.interval_s)
 
     async def _check(self, stub) -> None:
-        identity, usable = await self._identity(stub)
-        if identity is None:
-            return
+        identity, usable, gone = await self._identity(stub)
         eng = self.engine
+        if identity is None:
+            if gone and eng.sidecar is not None and not self._dropped:
+                log.warning("cpu_attn sidecar at %s does not answer: its sequences will recompute on the GPU",
+                            self.address)
+                eng.drop_sidecar("the cpu_attn sidecar stopped answering its health checks")
+                self._dropped = True
+            return
         if self._attached is None and eng.sidecar is not None:
             self._attached = identity  # the sidecar the engine attached to at start
             return
@@ -323,6 +353,7 @@ class SidecarWatcher:
                     "a new process" if identity != self._attached else "back")
         client = await asyncio.to_thread(self._connect)
         self._attached = identity
+        self._dropped = False
         eng.offer_sidecar(client)
 
 
@@ -362,7 +393,7 @@ async def serve(config: WorkerServerConfig, engine=None) -> None:
         # NOTE: loading takes seconds; a thread keeps the health service answering (NOT_SERVING) meanwhile.
         llm = await asyncio.to_thread(ReattachingEngine, config.engine)
         engine = AsyncEngine(llm)
-        if False:
+        if config.engine.sidecar and config.engine.mode != "gpu-only":
             watcher_task = asyncio.get_running_loop().create_task(
                 SidecarWatcher(llm, config.engine.sidecar).run(), name="sidecar-watcher")
     servicer.engine = engine
