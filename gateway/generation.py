@@ -11,6 +11,7 @@ Cancellation: a transport that stops iterating (client gone, handler cancelled) 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -95,10 +96,13 @@ class GenerationService:
     def record_failure(self, exc: BaseException) -> None:
         self._metrics.failed.labels(classify(exc).code.name).inc()
 
-    def prepare(self, parse: Callable[[ModelState], T]) -> T:
-        """Runs a transport's parsing against the loaded model (tokenizer, context length); counts its failures."""
+    async def prepare(self, parse: Callable[[ModelState], T]) -> T:
+        """Runs a transport's parsing against the loaded model (tokenizer, context length); counts its failures.
+
+        NOTE: on a worker thread: tokenizing a prompt of megabytes takes seconds, and on the event loop it would
+        stall every other stream (the tokenizers library releases the GIL while it encodes)."""
         try:
-            return parse(self.require_ready())
+            return await asyncio.to_thread(parse, self.require_ready())
         except Exception as exc:
             self.record_failure(exc)
             raise

@@ -156,7 +156,7 @@ class OpenAIServer:
         raw = await request.read()
         service = self._service
         try:
-            req = service.prepare(lambda model: parse(protocol.load_body(raw), model, self._model_names(model)))
+            req = await service.prepare(lambda model: parse(protocol.load_body(raw), model, self._model_names(model)))
         except Exception as exc:  # noqa: BLE001 - the status mapping decides
             return _error(*protocol.error_response(exc))
         rid = service.new_request_id()

@@ -21,6 +21,7 @@ from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 from gateway.admission import Admission
 from gateway.auth import ApiKeyInterceptor
+from gateway.decode_guard import DecodeErrorInterceptor
 from gateway.backends import NOT_SERVING, PUBLIC_SERVICE, BackendMonitor
 from gateway.config import GatewayConfig
 from gateway.generation import GenerationService, ModelState
@@ -82,7 +83,9 @@ class Gateway:
             health_servicer=self.health, metrics=self.metrics, admission=self.admission,
             interval_s=config.health_interval_s,
         )
+        # NOTE: the API key is checked first: an unauthenticated caller learns nothing about its payload.
         interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
+        interceptors.append(DecodeErrorInterceptor())
         self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
         self.service = GenerationService(self.model, self.worker, self.admission, self.metrics,
                                          log_prompts=config.log_prompts)

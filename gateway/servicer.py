@@ -40,7 +40,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.perf_counter()
         service = self._service
-        prepared = service.prepare(lambda model: requests.prepare(
+        prepared = await service.prepare(lambda model: requests.prepare(
             request, model.tokenizer, max_model_len=model.info.max_model_len, vocab_size=model.info.vocab_size))
         rid = service.new_request_id()
         events = service.generate(rid, prepared, arrival=arrival, label=request.request_id, raw=request)

@@ -96,6 +96,18 @@ class AsyncEngine:
 
     # --- engine thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug: fail every open stream instead of leaving them hanging
+            log.exception("engine loop died")
+            self._dead = f"engine loop died: {e}"
+        else:
+            self._dead = "shut down"
+        with self._lock:
+            pending = list(self._streams)
+        self._deliver([(rid, BackendUnavailableError(f"engine stopped: {self._dead}")) for rid in pending])
+
+    def _loop(self) -> None:
         engine = self.engine
         while not self._stopping:
             with self._lock:
@@ -124,10 +136,6 @@ class AsyncEngine:
                     out.finish_reason, out.error = FinishReason.ERROR, f"engine step failed: {e}"
             self._stats = engine.stats()
             self._deliver([(out.request_id, out) for out in outputs if out is not None])
-        self._dead = "shut down"
-        with self._lock:
-            pending = list(self._streams)
-        self._deliver([(rid, BackendUnavailableError("engine shut down")) for rid in pending])
 
     def _deliver(self, items: list[tuple[str, object]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}

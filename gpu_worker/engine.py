@@ -96,6 +96,15 @@ class LLMEngine:
         bound = self.config.latency_bound_ms / 1000 if self.config.latency_bound_ms else None
         return PipelinePlanner(cost, latency_bound_s=bound, max_wait_steps=self.config.max_cpu_wait_steps)
 
+    def _release_sidecar(self, seqs: list[Sequence]) -> None:
+        """Frees the sidecar KV of finished or preempted sequences; a dead sidecar found here fails over at once."""
+        try:
+            self.runner.release_sidecar_sequences(seqs)
+        except BackendUnavailableError as e:
+            if self.sidecar is None:
+                raise
+            self._on_sidecar_failure(e)
+
     def _on_sidecar_failure(self, error: Exception) -> None:
         """The sidecar died: CPU-resident sequences lose their KV, so they are recomputed on the GPU, and the
         engine serves gpu-only from here on (the supervisor restarts the worker with a new sidecar)."""
@@ -149,7 +158,7 @@ class LLMEngine:
     # --- the step -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        self.runner.release_sidecar_sequences(sched.preempted)
+        self._release_sidecar(sched.preempted)
         outputs = [self._finish(seq, FinishReason.ERROR, error) for seq, error in sched.failed]
         if not sched.is_empty():
             try:
@@ -213,7 +222,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
         seq.finish_reason = reason
         self.scheduler.remove(seq)
-        self.runner.release_sidecar_sequences([seq])
+        self._release_sidecar([seq])
         seq.status = SequenceStatus.FINISHED
         del self.requests[seq.request_id]
         return self._delta(seq, finished=True, error=error)

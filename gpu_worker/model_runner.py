@@ -141,9 +141,9 @@ class ModelRunner:
     def release_sidecar_sequences(self, seqs: list[Sequence]) -> None:
         """Frees the sidecar KV of finished or preempted sequences."""
         ids = [s.seq_id for s in seqs if s.seq_id in self._on_sidecar]
+        self._on_sidecar.difference_update(ids)  # forgotten first: a dead sidecar took their KV with it anyway
         if ids and self.sidecar is not None:
             self.sidecar.free_sequences(ids)
-        self._on_sidecar.difference_update(ids)
 
     def release_all_sidecar_sequences(self) -> None:
         self._on_sidecar.clear()

@@ -114,6 +114,13 @@ def profile(runner, sidecar) -> PerfModel:
     mask = torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=dev)
     gpu_attn = _timed(lambda: decode_attention(q, kv, kv, mask, model.scale), dev) * layers / (b * ctx)
 
+    # The sidecar probe: 4 sequences of up to 512 tokens, fewer where the sidecar's KV budget is small.
+    stats = sidecar.stats(per_sequence=False)
+    block = int(stats["kv_stats"].get("block_size", 128)) or 128
+    if int(stats["blocks_total"]) < 4:
+        raise ValueError(f"cpu_kv_gib: the sidecar's KV cache holds {stats['blocks_total']} blocks of {block} tokens; "
+                         "give it room for at least 4 sequences")
+    ctx = min(512, (int(stats["blocks_total"]) // 4) * block)
     ids = [PROFILE_SEQ_ID_BASE + i for i in range(4)]
     sidecar.create_sequences(ids)
     try:

@@ -225,18 +225,6 @@ class ReattachingEngine(LLMEngine):
     def has_offer(self) -> bool:
         return self._offered is not None
 
-    def abort_request(self, request_id: str):
-        try:
-            return super().abort_request(request_id)
-        except BackendUnavailableError as exc:
-            if self.sidecar is None:
-                raise
-            # NOTE: the sidecar died before a step noticed, so freeing this request's CPU KV failed. That KV died
-            # with the process: fail over now and abort locally, instead of letting the error escape the engine
-            # loop (AsyncEngine runs aborts outside its try, and its thread would end: every stream would hang).
-            self._on_sidecar_failure(exc)
-            return super().abort_request(request_id)
-
     def step(self):
         with self._handover_lock:
             client, self._offered = self._offered, None

@@ -165,7 +165,9 @@ class Tokenizer:
         """Token ids of `text`. Special-token markers in the text (e.g. "<|im_start|>") become those tokens."""
         if not isinstance(text, str):
             raise ValidationError("prompt", f"must be a string, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # NOTE: encode_batch, not encode: only the batch call releases the GIL, and the gateway tokenizes on a worker
+        # thread so that a megabyte prompt does not stall its event loop (tests/test_reliability_bad_input.py).
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def byte_table(self, skip_special_tokens: bool) -> list[bytes]:
         """id -> the bytes that token stands for (b"" for special tokens when skipped). Do not modify."""
