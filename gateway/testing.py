@@ -86,17 +86,18 @@ def stop_server(handle: ServerHandle, timeout: float = 60.0) -> int:
         return handle.proc.wait()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether the process runs: a zombie (Z) or dead (X) one that its parent has not reaped yet does not."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[-1][0] != "Z"
+            return f.read().rsplit(") ", 1)[-1][0] not in "ZX"
     except FileNotFoundError:
         return False
 
 
 def leftovers(state: dict) -> list[str]:
     """What a stopped server left behind: live child processes, its run folder, its /dev/shm segments."""
-    found = [f"process {name} (pid {pid})" for name, pid in state["pids"].items() if pid and _alive(pid)]
+    found = [f"process {name} (pid {pid})" for name, pid in state["pids"].items() if pid and pid_alive(pid)]
     if Path(state["run_dir"]).exists():
         found.append(f"folder {state['run_dir']}")
     pids = {str(p) for p in state["pids"].values() if p}
@@ -156,14 +157,14 @@ def engine_generate(engine, prompts: list[list[int]], params) -> list[tuple[list
     return [(out[i], reasons[i]) for i in range(len(prompts))]
 
 
-def worker_stats(worker_address: str):
+def worker_stats(worker_address: str, timeout: float = 5.0):
     """The worker's StatsResponse (open requests, KV blocks and bytes in use)."""
     import grpc
 
     from neoserve.internal.v1 import worker_pb2, worker_pb2_grpc
 
     with grpc.insecure_channel(worker_address) as channel:
-        return worker_pb2_grpc.WorkerServiceStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5)
+        return worker_pb2_grpc.WorkerServiceStub(channel).Stats(worker_pb2.StatsRequest(), timeout=timeout)
 
 
 def wait_kv_idle(worker_address: str, timeout: float = 10.0):
@@ -179,18 +180,42 @@ def wait_kv_idle(worker_address: str, timeout: float = 10.0):
         time.sleep(0.05)
 
 
-def start_gateway(worker_address: str, workdir: Path, *extra_args: str,
-                  api_key: str | None = None) -> tuple[subprocess.Popen, dict]:
+def start_gateway(worker_address: str, workdir: Path, *extra_args: str, api_key: str | None = None,
+                  model: str | None = "embedded") -> tuple[subprocess.Popen, dict]:
     """A second gateway process (free ports) in front of a running worker; returns it and its port file's content.
-    The caller stops it (SIGTERM) and waits for it."""
+    `model=None` leaves the tokenizer to whatever model the worker serves. The caller stops it (SIGTERM) and waits
+    for it."""
     port_file = workdir / "gateway.json"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
     if api_key:
         env["NEOSERVE_API_KEY"] = api_key
     log_path = workdir / "gateway.log"
+    model_args = ["--model", model] if model else []
     with open(log_path, "wb") as log:  # NOTE: a file, not a pipe: a full pipe would block the gateway's logging
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "--port", "0", "--metrics-port", "-1",
-                                 "--worker-address", worker_address, "--model", "embedded", "--port-file",
+                                 "--worker-address", worker_address, *model_args, "--port-file",
                                  str(port_file), "--health-interval-s", "0.2", *extra_args],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc, _wait_for_file(port_file, proc, log_path, 60.0, "the gateway")
+
+
+def health_status(address: str) -> int:
+    """The gateway's health status, or NOT_SERVING when nothing answers (a gateway that is down serves nobody)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def wait_health(address: str, status: int, timeout: float) -> float:
+    """Seconds until the gateway's health is `status`; fails the test if it is not within `timeout`."""
+    start = time.monotonic()
+    while health_status(address) != status:
+        assert time.monotonic() - start < timeout, f"health never became {status} in {timeout} s"
+        time.sleep(0.1)
+    return time.monotonic() - start

@@ -80,12 +80,21 @@ class LLMEngine:
         else:
             sidecar = SidecarClient.spawn(threads=self.config.cpu_attn_threads, kv_cache_gib=self.config.cpu_kv_gib,
                                           shape=shape)
+        self.attach_sidecar(sidecar)
+        return sidecar
+
+    def attach_sidecar(self, sidecar) -> None:
+        """Takes a configured sidecar client into use: the CPU budget mirrors its KV cache; the scheduler gets back
+        the configured mode (after a fail-over it ran gpu-only)."""
         stats = sidecar.stats(per_sequence=False)
         block_size = int(float(stats["kv_stats"].get("block_size", 0))) or 128
         self.cpu_budget = CpuKVBudget(int(stats["blocks_total"]), block_size)
         self.cpu_block_bytes = int(stats["bytes_total"]) // max(int(stats["blocks_total"]), 1)
         self.runner.sidecar = sidecar
-        return sidecar
+        self.sidecar = sidecar
+        if hasattr(self, "scheduler"):  # a re-attach; at start-up the scheduler is built next
+            self.scheduler.cpu_budget = self.cpu_budget
+            self.scheduler.config.mode = self.config.mode
 
     def _make_planner(self) -> PipelinePlanner:
         cost = None
@@ -109,11 +118,7 @@ class LLMEngine:
         """The sidecar died: CPU-resident sequences lose their KV, so they are recomputed on the GPU, and the
         engine serves gpu-only from here on (the supervisor restarts the worker with a new sidecar)."""
         log.error("cpu_attn sidecar failed (%s): recomputing its sequences on the GPU, serving gpu-only", error)
-        sched = self.scheduler
-        out = SchedulerOutput()
-        for seq in [s for s in sched.running if s.location == KVLocation.CPU]:
-            sched._preempt(seq, out)
-        sched.config.mode = "gpu-only"
+        self.scheduler.evict_cpu_sequences()
         self.runner.sidecar = None
         self.runner.release_all_sidecar_sequences()
         try:

@@ -263,6 +263,15 @@ class Scheduler:
             out.swap_in.append(seq)
             self.num_swap_ins += 1
 
+    def evict_cpu_sequences(self) -> list[Sequence]:
+        """The sidecar lost its KV: every CPU-resident sequence is recomputed on the GPU, and placement stays
+        gpu-only until a sidecar is attached again."""
+        out = SchedulerOutput()
+        for seq in [s for s in self.running if s.location == KVLocation.CPU]:
+            self._preempt(seq, out)
+        self.config.mode = "gpu-only"
+        return out.preempted
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)

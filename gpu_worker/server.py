@@ -236,25 +236,16 @@ class ReattachingEngine(LLMEngine):
         return super().step()
 
     def _reattach(self, client) -> None:
-        from gpu_worker.block_manager import CpuKVBudget
-
         if self.sidecar is not None:
             # NOTE: the old sidecar process is gone (the watcher saw a new one answer): its KV is lost, so its
             # sequences recompute on the GPU exactly as if a data-plane call had failed.
             self._on_sidecar_failure(BackendUnavailableError("the cpu_attn sidecar was restarted"))
         try:
-            stats = client.stats(per_sequence=False)
+            self.attach_sidecar(client)  # its first call (stats) fails before anything changes
         except Exception as exc:  # noqa: BLE001 - stay gpu-only; the watcher tries again
             log.warning("could not take the restarted sidecar back: %s", exc)
             client.close(shutdown=False)
             return
-        block_size = int(float(stats["kv_stats"].get("block_size", 0))) or 128
-        self.cpu_budget = CpuKVBudget(int(stats["blocks_total"]), block_size)
-        self.cpu_block_bytes = int(stats["bytes_total"]) // max(int(stats["blocks_total"]), 1)
-        self.scheduler.cpu_budget = self.cpu_budget
-        self.runner.sidecar = client
-        self.sidecar = client
-        self.scheduler.config.mode = self.config.mode
         self.num_reattaches += 1
         log.warning("cpu_attn sidecar (pid %s) attached again: serving in mode %s", client.pid or "?",
                     self.config.mode)

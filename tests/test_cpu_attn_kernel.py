@@ -13,22 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_attn import kernel
 from cpu_attn.kv_cache import CpuKVCache
 from neoserve.errors import ValidationError
+from tests.cpu_kernel_paths import DTYPES, path  # noqa: F401  (path: a fixture, taken by name)
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-PATHS = ["avx512", "portable"]
 RAGGED = [1, 15, 16, 17, 129, 1000, 1100]
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    if request.param == "avx512" and not kernel.has_avx512():
-        pytest.skip("this CPU has no AVX-512; the portable path is the one in use")
-    kernel.force_portable(request.param == "portable")
-    yield request.param
-    kernel.force_portable(False)
 
 
 def reference(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], lens: list[int],

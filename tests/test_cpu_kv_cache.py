@@ -10,22 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_attn import kernel
 from cpu_attn.kernel import Geometry
 from cpu_attn.kv_cache import CpuKVCache
 from neoserve.errors import CapacityError, ValidationError
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(params=["avx512", "portable"])
-def path(request):
-    """Run a test through the AVX-512 copy paths and through the portable ones."""
-    if request.param == "avx512" and not kernel.has_avx512():
-        pytest.skip("this CPU has no AVX-512; the portable path is the one in use")
-    kernel.force_portable(request.param == "portable")
-    yield request.param
-    kernel.force_portable(False)
+from tests.cpu_kernel_paths import DTYPES, path  # noqa: F401  (path: a fixture, taken by name)
 
 
 def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

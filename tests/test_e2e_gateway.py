@@ -1,7 +1,8 @@
 """End to end: the real `neoserve serve` processes on free ports, real gRPC clients.
 
 Reference for generated text: the engine run in this test process on the same request (LLMEngine, same config),
-decoded with the tokenizer. One server serves the whole module (session fixture from gateway.testing).
+decoded with the tokenizer. One server and one reference engine serve the whole session (fixtures and helpers from
+gateway.testing).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from neoserve.internal.v1 import worker_pb2, worker_pb2_grpc
+pytest.register_assert_rewrite("gateway.testing")  # NOTE: before the import below, or pytest warns it cannot
+
+from gateway.testing import (PROJECT_ROOT, engine_generate, health_status, leftovers, start_gateway, wait_health,
+                             wait_kv_idle, worker_stats)
 from neoserve.sampling_params import SamplingParams
 from neoserve.v1 import inference_service_pb2 as pb
 from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
@@ -31,7 +35,6 @@ from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
 pytest_plugins = ["gateway.testing"]
 pytestmark = pytest.mark.slow
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot", "1, 2, 3, 4,"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -50,36 +53,14 @@ def stub(server):
 
 
 @pytest.fixture(scope="module")
-def worker_stub(server):
-    with grpc.insecure_channel(server.worker_address) as channel:
-        yield worker_pb2_grpc.WorkerServiceStub(channel)
+def worker_address(server) -> str:
+    return server.worker_address
 
 
 @pytest.fixture(scope="module")
-def reference_engine():
-    """The engine in this process, same defaults as the server's worker."""
-    import torch
-
-    from gpu_worker.config import EngineConfig
-    from gpu_worker.engine import LLMEngine
-
-    torch.set_num_threads(1)
-    return LLMEngine(EngineConfig(threads=1))
-
-
-def engine_generate(engine, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], str]]:
-    """Runs the prompts to completion in the in-process engine: (token ids, finish reason) each."""
-    ids = {f"ref-{i}-{time.monotonic_ns()}": i for i in range(len(prompts))}
-    out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    reasons: dict[int, str] = {}
-    for rid, i in ids.items():
-        engine.add_request(rid, prompts[i], params)
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[ids[o.request_id]] += o.new_token_ids
-            if o.finished:
-                reasons[ids[o.request_id]] = o.finish_reason.value
-    return [(out[i], reasons[i]) for i in range(len(prompts))]
+def reference_engine(neoserve_reference_engine):
+    """The engine in this process, same defaults as the server's worker (one per session, shared)."""
+    return neoserve_reference_engine
 
 
 def collect(stream) -> tuple[str, list[int], pb.GenerateComplete]:
@@ -93,22 +74,6 @@ def collect(stream) -> tuple[str, list[int], pb.GenerateComplete]:
             complete = resp.complete
     assert complete is not None, "stream ended without a final message"
     return "".join(text), ids, complete
-
-
-def worker_stats(worker_stub) -> worker_pb2.StatsResponse:
-    return worker_stub.Stats(worker_pb2.StatsRequest(), timeout=5)
-
-
-def wait_kv_idle(worker_stub, timeout: float = 10.0) -> worker_pb2.StatsResponse:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = worker_stats(worker_stub)
-        if s.num_open_requests == 0 and s.num_running == 0 and s.num_waiting == 0 and s.gpu_kv_blocks_used == 0 \
-                and s.cpu_kv_bytes_used == 0:
-            return s
-        if time.monotonic() > deadline:
-            pytest.fail(f"KV not freed: {s}")
-        time.sleep(0.05)
 
 
 def f32(x: float) -> float:
@@ -143,7 +108,7 @@ def test_model_info_and_tokenize(stub, tokenizer):
 
 
 @pytest.mark.parametrize("kind", ["prompt", "chat"])
-def test_stream_equals_engine_greedy(stub, worker_stub, reference_engine, tokenizer, kind):
+def test_stream_equals_engine_greedy(stub, worker_address, reference_engine, tokenizer, kind):
     if kind == "prompt":
         request = pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParameters(max_tokens=24, temperature=0))
         prompt_ids = tokenizer.encode(PROMPTS[0])
@@ -161,7 +126,7 @@ def test_stream_equals_engine_greedy(stub, worker_stub, reference_engine, tokeni
     assert complete.usage.prompt_tokens == len(prompt_ids)
     assert complete.usage.completion_tokens == len(ref_ids) + (ref_reason == "stop")
     assert complete.usage.total_tokens == complete.usage.prompt_tokens + complete.usage.completion_tokens
-    wait_kv_idle(worker_stub)
+    wait_kv_idle(worker_address)
 
 
 def test_seeded_sampling_equals_engine(stub, reference_engine, tokenizer):
@@ -186,7 +151,7 @@ def test_logprobs_streamed(stub, reference_engine, tokenizer):
         assert lp.token == tokenizer.decode([lp.token_id])
 
 
-def test_stop_string_ends_stream_and_frees_kv(stub, worker_stub, reference_engine, tokenizer):
+def test_stop_string_ends_stream_and_frees_kv(stub, worker_address, reference_engine, tokenizer):
     [(ref_ids, _)] = engine_generate(reference_engine, [tokenizer.encode(PROMPTS[3])],
                                      SamplingParams(max_tokens=24, temperature=0.0))
     ref_text = tokenizer.decode(ref_ids, skip_special_tokens=True)
@@ -197,7 +162,7 @@ def test_stop_string_ends_stream_and_frees_kv(stub, worker_stub, reference_engin
     text, _, complete = collect(stub.Generate(request, timeout=60))
     assert text == ref_text[: ref_text.index(stop)]
     assert complete.finish_reason == pb.FINISH_REASON_STOP and complete.stop_string == stop
-    wait_kv_idle(worker_stub)
+    wait_kv_idle(worker_address)
 
 
 def _long_request(**kw) -> pb.GenerateRequest:
@@ -205,27 +170,27 @@ def _long_request(**kw) -> pb.GenerateRequest:
                                                                                 temperature=0, **kw))
 
 
-def test_cancel_mid_stream_frees_kv(stub, worker_stub):
+def test_cancel_mid_stream_frees_kv(stub, worker_address):
     call = stub.Generate(_long_request(), timeout=120)
     got = 0
     for resp in call:
         got += len(resp.delta.token_ids)
         if got >= 3:
             break
-    busy = worker_stats(worker_stub)
+    busy = worker_stats(worker_address)
     assert busy.num_open_requests == 1 and busy.gpu_kv_blocks_used > 0
     call.cancel()
-    wait_kv_idle(worker_stub)
+    wait_kv_idle(worker_address)
 
 
-def test_deadline_exceeded_frees_kv(stub, worker_stub):
+def test_deadline_exceeded_frees_kv(stub, worker_address):
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         for _ in stub.Generate(_long_request(), timeout=1.5):
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - start < 10
-    wait_kv_idle(worker_stub)
+    wait_kv_idle(worker_address)
 
 
 def _chat(*messages) -> pb.Chat:
@@ -269,7 +234,7 @@ def test_invalid_field_is_invalid_argument(stub, field, kwargs):
     assert err.value.details().startswith(field + ":"), err.value.details()
 
 
-def test_64_concurrent_streams(server, worker_stub, reference_engine, tokenizer):
+def test_64_concurrent_streams(server, worker_address, reference_engine, tokenizer):
     n = 64
     prompts_ids = [tokenizer.encode(p) for p in PROMPTS]
     refs = engine_generate(reference_engine, prompts_ids, SamplingParams(max_tokens=12, temperature=0.0))
@@ -299,7 +264,7 @@ def test_64_concurrent_streams(server, worker_stub, reference_engine, tokenizer)
         assert finish in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
         assert ids == refs[k][0]
         assert text == ref_texts[k]
-    wait_kv_idle(worker_stub)
+    wait_kv_idle(worker_address)
 
 
 def test_metrics_endpoint(server):
@@ -317,40 +282,10 @@ def test_metrics_endpoint(server):
 # --- a second gateway on the same worker: tiny admission limits, an API key, draining ------------------------------
 
 def _start_gateway(worker_address: str, tmp: Path, *extra: str, api_key: str | None = None,
-                   model: str | None = "embedded") -> tuple:
-    port_file = tmp / "gw.json"
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    if api_key:
-        env["NEOSERVE_API_KEY"] = api_key
-    model_args = ["--model", model] if model else []
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--port", "0", "--metrics-port", "-1",
-                             "--worker-address", worker_address, *model_args, "--port-file", str(port_file),
-                             "--health-interval-s", "0.2", *extra], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    import json
-
-    return proc, f"localhost:{json.loads(port_file.read_text())['port']}"
-
-
-def _health(address: str) -> int:
-    """The health status, or NOT_SERVING when nothing answers (a gateway that is down serves nobody)."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
-        except grpc.RpcError as e:
-            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e
-            return health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _wait_health(address: str, status: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _health(address) != status:
-        assert time.monotonic() < deadline, f"health never became {status}"
-        time.sleep(0.1)
+                   model: str | None = "embedded") -> tuple[subprocess.Popen, str]:
+    """gateway.testing's second gateway, with its public gRPC address."""
+    proc, ports = start_gateway(worker_address, tmp, *extra, api_key=api_key, model=model)
+    return proc, f"localhost:{ports['port']}"
 
 
 def test_gateway_without_worker_is_not_serving():
@@ -358,7 +293,7 @@ def test_gateway_without_worker_is_not_serving():
         proc, address = _start_gateway(f"unix:{tmp}/nobody.sock", Path(tmp), model=None)
         try:
             time.sleep(1.0)
-            assert _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING
             with grpc.insecure_channel(address) as channel:
                 with pytest.raises(grpc.RpcError) as err:
                     list(pb_grpc.InferenceServiceStub(channel).Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
@@ -368,13 +303,13 @@ def test_gateway_without_worker_is_not_serving():
             assert proc.wait(30) == 0
 
 
-def test_queue_overflow_api_key_and_drain(server, worker_stub):
+def test_queue_overflow_api_key_and_drain(server, worker_address):
     key = "s3cret-key"
     with tempfile.TemporaryDirectory() as tmp:
         proc, address = _start_gateway(server.worker_address, Path(tmp), "--max-inflight", "1", "--max-queued", "1",
                                        "--retry-after-s", "0.25", api_key=key)
         try:
-            _wait_health(address, health_pb2.HealthCheckResponse.SERVING, 60)  # health needs no key
+            wait_health(address, health_pb2.HealthCheckResponse.SERVING, 60)  # health needs no key
             with grpc.insecure_channel(address) as channel:
                 stub = pb_grpc.InferenceServiceStub(channel)
                 for metadata in ((), (("authorization", "Bearer wrong"),), (("x-api-key", key[:-1]),)):
@@ -401,7 +336,7 @@ def test_queue_overflow_api_key_and_drain(server, worker_stub):
                 running.cancel()
                 next(queued)  # the queued request got the slot
                 queued.cancel()
-                wait_kv_idle(worker_stub)
+                wait_kv_idle(worker_address)
 
                 # Drain: a running stream finishes, a new request is refused with UNAVAILABLE, the process exits 0.
                 short = stub.Generate(pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParameters(
@@ -420,7 +355,7 @@ def test_queue_overflow_api_key_and_drain(server, worker_stub):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    wait_kv_idle(worker_stub)
+    wait_kv_idle(worker_address)
 
 
 def test_tls_gateway(server, tmp_path):
@@ -473,7 +408,7 @@ def test_cli_generate_and_healthcheck_commands(server, stub):
 # --- process faults and shutdown (these disturb the shared server: keep them last) ---------------------------------
 
 @pytest.mark.parametrize("child", ["sidecar", "worker", "gateway"])
-def test_child_crash_health_and_restart(server, stub, worker_stub, child):
+def test_child_crash_health_and_restart(server, stub, worker_address, child):
     """A dead process turns health NOT_SERVING; the launcher restarts it (the gateway on the same port) and the
     server serves again."""
     pids = server.pids
@@ -492,14 +427,14 @@ def test_child_crash_health_and_restart(server, stub, worker_stub, child):
     else:
         inflight.cancel()
     if child == "gateway":  # the worker aborted the dead gateway's request and freed its KV
-        wait_kv_idle(worker_stub, timeout=30)
-    _wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
-    _wait_health(server.address, health_pb2.HealthCheckResponse.SERVING, 240)  # the launcher restarted it
+        wait_kv_idle(worker_address, timeout=30)
+    wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+    wait_health(server.address, health_pb2.HealthCheckResponse.SERVING, 240)  # the launcher restarted it
     assert server.pids[child] != pid
     text, ids, complete = collect(stub.Generate(pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParameters(
         max_tokens=5, temperature=0)), timeout=60))
     assert len(ids) >= 1 and complete.usage.completion_tokens >= 1
-    wait_kv_idle(worker_stub, timeout=30)
+    wait_kv_idle(worker_address, timeout=30)
 
 
 def test_serve_once_streams_one_reply_and_exits_clean(tokenizer, reference_engine):
@@ -522,6 +457,4 @@ def test_serve_once_streams_one_reply_and_exits_clean(tokenizer, reference_engin
 
 
 def assert_stopped_clean(state: dict) -> None:
-    from gateway.testing import leftovers
-
     assert leftovers(state) == []

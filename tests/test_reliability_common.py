@@ -14,23 +14,27 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from gateway.testing import ServerHandle, leftovers, start_server, stop_server
-from neoserve.internal.v1 import sidecar_pb2, sidecar_pb2_grpc, worker_pb2, worker_pb2_grpc
+pytest.register_assert_rewrite("gateway.testing")  # NOTE: before the import below, or pytest warns it cannot
+
+from gateway.testing import ServerHandle, engine_generate, health_status, pid_alive, running_server, wait_health, \
+    worker_stats
+from neoserve.internal.v1 import sidecar_pb2, sidecar_pb2_grpc, worker_pb2
 from neoserve.shm_ring import SegmentName, list_segments
 from neoserve.v1 import inference_service_pb2 as pb
 from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+# NOTE: the reference engine is gateway.testing's session fixture, shared with the end-to-end tests.
+pytest_plugins = ["gateway.testing"]
 
 MAX_INFLIGHT = 8
 MAX_QUEUED = 8
@@ -66,8 +70,7 @@ class Cluster:
         return pb_grpc.InferenceServiceStub(channel)
 
     def worker_stats(self) -> worker_pb2.StatsResponse:
-        with grpc.insecure_channel(self.handle.worker_address) as channel:
-            return worker_pb2_grpc.WorkerServiceStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+        return worker_stats(self.handle.worker_address, timeout=10)
 
     def sidecar_stats(self) -> sidecar_pb2.SidecarStatsResponse:
         with grpc.insecure_channel(self.sidecar_address) as channel:
@@ -76,20 +79,11 @@ class Cluster:
 
     def health(self) -> int:
         """The gateway's health status; NOT_SERVING when nothing answers (a gateway that is down serves nobody)."""
-        with grpc.insecure_channel(self.address) as channel:
-            try:
-                return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
-            except grpc.RpcError as e:
-                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e
-                return NOT_SERVING
+        return health_status(self.address)
 
     def wait_health(self, status: int, timeout: float) -> float:
         """Seconds until the gateway's health is `status`."""
-        start = time.monotonic()
-        while self.health() != status:
-            assert time.monotonic() - start < timeout, f"health never became {status} in {timeout} s"
-            time.sleep(0.1)
-        return time.monotonic() - start
+        return wait_health(self.address, status, timeout)
 
     def segments(self) -> list[str]:
         """This server's shared-memory segments (named after the sidecar that owns them)."""
@@ -107,7 +101,7 @@ class Cluster:
         return out
 
     def alive(self) -> dict[str, bool]:
-        return {name: _alive(pid) for name, pid in self.pids.items()}
+        return {name: pid_alive(pid) for name, pid in self.pids.items()}
 
     def idle_problems(self) -> list[str]:
         """What is not back at its idle value: KV blocks (GPU, CPU mirror, the sidecar's own), requests, rings."""
@@ -129,14 +123,6 @@ class Cluster:
             time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[-1][0] not in "ZX"
-    except FileNotFoundError:
-        return False
-
-
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -147,18 +133,12 @@ def rss_mib(pid: int) -> float:
 
 @contextmanager
 def running_cluster(extra_args: list[str] = ()) -> Iterator[Cluster]:
-    """Starts the server; on exit stops it with SIGTERM and fails if a process, folder or segment is left."""
-    with tempfile.TemporaryDirectory(prefix="neoserve-rel-") as tmp:
-        handle = start_server([*SERVER_ARGS, *extra_args], Path(tmp))
+    """Starts the server; on exit stops it with SIGTERM and fails if a process, folder or segment is left
+    (gateway.testing.running_server)."""
+    with running_server([*SERVER_ARGS, *extra_args], prefix="neoserve-rel-") as handle:
         cluster = Cluster(handle)
-        try:
-            cluster.wait_health(SERVING, 120)
-            yield cluster
-        finally:
-            state = handle.state()
-            code = stop_server(handle)
-            left = leftovers(state)
-            assert code == 0 and not left, f"launcher exit {code}; left behind: {left}\n{handle.log_tail()}"
+        cluster.wait_health(SERVING, 120)
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -171,22 +151,16 @@ def reliability_server() -> Iterator[Cluster]:
 # --- the reference: the engine in this process ------------------------------------------------------------------------
 
 class Reference:
-    """Greedy token ids from an in-process LLMEngine (gpu-only, the default config), cached per (prompt, length).
+    """Greedy token ids from an in-process LLMEngine (gpu-only, the default config: gateway.testing's session
+    reference engine), cached per (prompt, length).
 
     NOTE: test_neo_modes shows every placement mode gives the same greedy tokens, so the server's auto mode with a
     tiny device KV cache (sequences migrating to the sidecar and back) must reproduce these exactly."""
 
-    def __init__(self, tokenizer):
-        import torch
-
-        from gpu_worker.config import EngineConfig
-        from gpu_worker.engine import LLMEngine
-
-        torch.set_num_threads(1)
-        self.engine = LLMEngine(EngineConfig(threads=1))
+    def __init__(self, tokenizer, engine):
+        self.engine = engine
         self.tokenizer = tokenizer
         self._cache: dict[tuple, list[int]] = {}
-        self._n = 0
 
     def greedy(self, prompt: str | list[int], max_tokens: int, ignore_eos: bool = True) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -194,15 +168,8 @@ class Reference:
         if key not in self._cache:
             from neoserve.sampling_params import SamplingParams
 
-            self._n += 1
-            rid = f"ref-{self._n}"
-            self.engine.add_request(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                             ignore_eos=ignore_eos))
-            out: list[int] = []
-            while self.engine.has_unfinished():
-                for o in self.engine.step():
-                    out += o.new_token_ids
-            self._cache[key] = out
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+            [(self._cache[key], _)] = engine_generate(self.engine, [ids], params)
         return self._cache[key]
 
     def text(self, prompt: str | list[int], max_tokens: int, ignore_eos: bool = True) -> str:
@@ -210,8 +177,8 @@ class Reference:
 
 
 @pytest.fixture(scope="session")
-def reference(tokenizer) -> Reference:
-    return Reference(tokenizer)
+def reference(tokenizer, neoserve_reference_engine) -> Reference:
+    return Reference(tokenizer, neoserve_reference_engine)
 
 
 def greedy_request(prompt: str, max_tokens: int, **kw) -> pb.GenerateRequest:
