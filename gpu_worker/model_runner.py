@@ -119,24 +119,35 @@ class ModelRunner:
             return
         sidecar = self._require_sidecar()
         for seq, table in sched.swap_out:
-            n = seq.num_computed_tokens
-            slots = self._slots(table, 0, n)
+            slots = self._slots(table, 0, seq.num_computed_tokens)
+            # NOTE: every layer's K/V in one gather and (on CUDA) one copy into pinned memory: one stream sync per
+            # sequence instead of one per layer and ring chunk; the ring uploads below are plain memcpys.
+            kv = self._to_host(self.kv_cache.data[:, :, slots])  # [layers, 2, n, Hkv, D] fp32
             sidecar.create_sequences([seq.seq_id])
             self._on_sidecar.add(seq.seq_id)
             tickets = []
             for layer in range(self.model_config.num_layers):
-                k, v = self.kv_cache.gather(layer, slots)  # [n, Hkv, D] each
-                tickets += sidecar.upload_kv(seq.seq_id, layer, 0, k, v, wait=False)
+                tickets += sidecar.upload_kv(seq.seq_id, layer, 0, kv[layer, 0], kv[layer, 1], wait=False)
             for t in tickets:
                 sidecar.wait(t)
         for seq in sched.swap_in:
             n = seq.num_computed_tokens
+            mc = self.model_config
+            kv = torch.empty(mc.num_layers, 2, n, mc.num_kv_heads, mc.head_dim, dtype=torch.float32,
+                             pin_memory=self.device.type == "cuda")  # [layers, 2, n, Hkv, D]
+            for layer in range(mc.num_layers):
+                sidecar.download_kv(seq.seq_id, layer, 0, n, out=(kv[layer, 0], kv[layer, 1]))
             slots = self._slots(seq.block_table, 0, n)
-            for layer in range(self.model_config.num_layers):
-                k, v = sidecar.download_kv(seq.seq_id, layer, 0, n)  # [n, Hkv, D] each
-                self.kv_cache.write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+            self.kv_cache.data[:, :, slots] = kv.to(self.device, self.dtype, non_blocking=True)
             sidecar.free_sequences([seq.seq_id])
             self._on_sidecar.discard(seq.seq_id)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_cuda:
+            return t.float()
+        host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(t)
+        return host
 
     def release_sidecar_sequences(self, seqs: list[Sequence]) -> None:
         """Frees the sidecar KV of finished or preempted sequences."""
