@@ -44,7 +44,9 @@ def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         nxt = int(out.logits[0, -1].argmax())
         tokens.append(nxt)
-        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        # NOTE: transformers 5 names the cache `cache` (in and out); 4.x called it `past_key_values`.
+        key = "cache" if "cache" in out else "past_key_values"
+        out = model(torch.tensor([[nxt]]), use_cache=True, **{key: out[key]})
     return tokens
 
 
