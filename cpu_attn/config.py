@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from neoserve.errors import ValidationError
+from neoserve.internal.v1 import sidecar_pb2 as pb
 
 KV_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_KV_CACHE_CLASS = "cpu_attn.kv_cache:CpuKVCache"
@@ -101,3 +102,17 @@ class SidecarConfig:
     @property
     def kv_cache_bytes(self) -> int:
         return int(self.kv_cache_gib * (1 << 30))
+
+
+def shape_to_pb(shape: AttnShape | None) -> pb.SidecarModelShape | None:
+    """The control service's wire form of a shape (None stays None: "not configured")."""
+    if shape is None:
+        return None
+    return pb.SidecarModelShape(num_layers=shape.num_layers, num_heads=shape.num_heads,
+                                num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype,
+                                scale=shape.scale)
+
+
+def shape_from_pb(msg: pb.SidecarModelShape) -> AttnShape:
+    return AttnShape(msg.num_layers, msg.num_heads, msg.num_kv_heads, msg.head_dim, msg.dtype or "float32",
+                     msg.scale)

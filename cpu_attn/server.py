@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from cpu_attn import messages as m
-from cpu_attn.config import AttnShape, SidecarConfig
+from cpu_attn.config import AttnShape, SidecarConfig, shape_from_pb, shape_to_pb
 from neoserve.errors import BackendUnavailableError, CapacityError, NeoServeError, ValidationError
 from neoserve.internal.v1 import sidecar_pb2 as pb
 from neoserve.internal.v1 import sidecar_pb2_grpc as pb_grpc
@@ -419,19 +419,6 @@ def _map_errors(method: Callable) -> Callable:
     return wrapper
 
 
-def _shape_to_pb(shape: AttnShape | None) -> pb.SidecarModelShape | None:
-    if shape is None:
-        return None
-    return pb.SidecarModelShape(num_layers=shape.num_layers, num_heads=shape.num_heads,
-                                num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype,
-                                scale=shape.scale)
-
-
-def shape_from_pb(msg: pb.SidecarModelShape) -> AttnShape:
-    return AttnShape(msg.num_layers, msg.num_heads, msg.num_kv_heads, msg.head_dim, msg.dtype or "float32",
-                     msg.scale)
-
-
 class CpuAttentionServicer(pb_grpc.CpuAttentionServiceServicer):
     """Thin control service: every method validates, delegates to SidecarState / DataPlane, and returns."""
 
@@ -451,7 +438,7 @@ class CpuAttentionServicer(pb_grpc.CpuAttentionServiceServicer):
         cfg = self.server.config
         return pb.SidecarHealthResponse(status=status, pid=os.getpid(),
                                         pid_start_time=process_start_time(os.getpid()) or 0,
-                                        configured=state.kv is not None, shape=_shape_to_pb(state.shape),
+                                        configured=state.kv is not None, shape=shape_to_pb(state.shape),
                                         threads=cfg.threads, cpus=sorted(os.sched_getaffinity(0)),
                                         kv_capacity_bytes=cfg.kv_cache_bytes,
                                         attached=self.server.data_plane.attached)
@@ -461,7 +448,7 @@ class CpuAttentionServicer(pb_grpc.CpuAttentionServiceServicer):
                   context: grpc.ServicerContext) -> pb.SidecarConfigureResponse:
         shape = shape_from_pb(request.shape)
         self.state.configure(shape)
-        return pb.SidecarConfigureResponse(shape=_shape_to_pb(shape),
+        return pb.SidecarConfigureResponse(shape=shape_to_pb(shape),
                                            kv_capacity_bytes=self.server.config.kv_cache_bytes)
 
     @_map_errors

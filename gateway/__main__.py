@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 
 from gateway.config import GatewayConfig
+from neoserve import aio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig.from_cli_args(args)
     from gateway.server import serve
 
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
-        asyncio.run(serve(config))
-    else:
-        uvloop.run(serve(config))
+    aio.run(serve(config))
     return 0
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import WorkerServerConfig
+from neoserve import aio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     config = WorkerServerConfig(listen=args.listen, port_file=args.port_file, engine=engine_config)
     from gpu_worker.server import serve
 
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(serve(config))
-    else:
-        uvloop.run(serve(config))
+    aio.run(serve(config))
     return 0
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cpu_attn import messages as m
-from cpu_attn.config import AttnShape
+from cpu_attn.config import AttnShape, shape_from_pb, shape_to_pb
 from neoserve.errors import BackendUnavailableError, CapacityError, NeoServeError, ValidationError
 from neoserve.internal.v1 import sidecar_pb2 as pb
 from neoserve.internal.v1 import sidecar_pb2_grpc as pb_grpc
@@ -203,7 +203,7 @@ class SidecarClient:
         health = self._call("Health", pb.SidecarHealthRequest(), timeout=timeout, wait_for_ready=True)
         self.pid, self._pid_start = health.pid, health.pid_start_time
         if health.configured:
-            self.shape = _shape_from_pb(health.shape)
+            self.shape = shape_from_pb(health.shape)
         # NOTE: use the pid for liveness only if this process can see it (same pid namespace).
         if not process_alive(self.pid, self._pid_start or None):
             self.pid = 0
@@ -266,7 +266,7 @@ class SidecarClient:
         return self._call("Health", pb.SidecarHealthRequest())
 
     def configure(self, shape: AttnShape) -> None:
-        self._call("Configure", pb.SidecarConfigureRequest(shape=_shape_to_pb(shape)))
+        self._call("Configure", pb.SidecarConfigureRequest(shape=shape_to_pb(shape)))
         self.shape = shape
 
     def create_sequences(self, seq_ids: IntsLike) -> int:
@@ -648,12 +648,3 @@ def _stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
             continue
 
 
-def _shape_to_pb(shape: AttnShape) -> pb.SidecarModelShape:
-    return pb.SidecarModelShape(num_layers=shape.num_layers, num_heads=shape.num_heads,
-                                num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype,
-                                scale=shape.scale)
-
-
-def _shape_from_pb(msg: pb.SidecarModelShape) -> AttnShape:
-    return AttnShape(msg.num_layers, msg.num_heads, msg.num_kv_heads, msg.head_dim, msg.dtype or "float32",
-                     msg.scale)
