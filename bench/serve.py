@@ -840,7 +840,9 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
         "runs": [], "requests": [], "shutdown": {}, "mode_errors": {}, "skipped": [], "timing": {},
     }
     results["config"]["rates"] = ["inf" if math.isinf(r) else r for r in cfg.rates]
-    runner = _event_loop_runner()
+    from neoserve import aio
+
+    runner = aio.run
     if cfg.address:
         metrics_url = f"http://127.0.0.1:{cfg.metrics_port}/metrics" if cfg.metrics_port else None
         with grpc.insecure_channel(cfg.address) as ch:
@@ -889,15 +891,6 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
     print(tables)
     print(f"\nwrote {out / 'serve.json'}, {out / 'serve.md'}" + (f", {results['plot']}" if results["plot"] else ""))
     return results
-
-
-def _event_loop_runner():
-    try:
-        import uvloop
-
-        return uvloop.run
-    except ImportError:
-        return asyncio.run
 
 
 def _json_default(x):
