@@ -14,8 +14,11 @@
 #   cuda-vs-cpu  bench/cuda_vs_cpu.py: greedy tokens + teacher-forced logits, cuda bf16/fp32 vs cpu fp32 (SmolLM2)
 #   cpu-attn     bench/bench_cpu_attn.py --quick   (if present)
 #   ring         bench/bench_ring.py --quick       (if present)
-#   serve        bench/serve.py: gpu-only vs auto on random:llama-3-8b, bf16, GPU KV capped (GPU_KV_TOKENS, 4000),
-#                Poisson arrivals (SERVE_RATES, default 0.5,1,2 req/s), input ~1000 (normal:1000:100), output
+#   trace        bench/trace_pipeline.py on random:llama-3-8b, bf16: one pipelined step's device and sidecar busy
+#                intervals (pipeline_trace.json for ui.perfetto.dev, pipeline_trace.png)
+#   serve        bench/serve.py: gpu-only, auto and auto@baseline (auto bounded by gpu-only's p50 per-token
+#                latency) on random:llama-3-8b, bf16, GPU KV capped (GPU_KV_TOKENS, 4000), sidecar KV bf16,
+#                Poisson arrivals (SERVE_RATES, default 0.5,3 req/s), input ~1000 (normal:1000:100), output
 #                uniform:50:400, with the auto/gpu-only throughput ratio at equal or better p50 per-token latency;
 #                it gets whatever is left of the budget and splits it over modes and rates itself (--budget-s).
 # Knobs (environment): GPU_CHECK_BUDGET_S, SERVE_MODES, SERVE_RATES, GPU_KV_TOKENS, SERVE_MODEL (random:llama-3-8b),
@@ -23,7 +26,15 @@
 # of the plumbing: CHECK_DEVICE=cpu SERVE_MODEL=random:smollm2-135m SERVE_INPUT_LEN=64 SERVE_OUTPUT_LEN=uniform:4:8
 # SKIP_STAGES=pytest-cuda GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
 # Writes (at most 8 files, for hosts that return only a few): gpu_check.log (all output), summary.md (the tables),
-# serve.json, serve.png, cuda_vs_cpu.json, details.tar.gz (per-stage logs, server logs). The short table is last.
+# serve.json, serve.png, cuda_vs_cpu.json, pipeline_trace.json, pipeline_trace.png, details.tar.gz (per-stage logs,
+# server logs). The short table is last.
+#
+# On the device tool, where one call carries at most 64 MiB and the model needs two, split the stages over the two
+# calls (the machine keeps what the first was sent):
+#   run("SKIP_STAGES='pytest-cuda cuda-vs-cpu cpu-attn ring' GPU_CHECK_BUDGET_S=420 bash bench/gpu_check.sh",
+#       carry=[".gpu/whl", ".gpu/model_a"], timeout_s=470)
+#   run("SKIP_STAGES='trace serve' GPU_CHECK_BUDGET_S=240 bash bench/gpu_check.sh",
+#       carry=[".gpu/whl", ".gpu/model_b"], timeout_s=290)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +42,9 @@ START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-465}
 OUT_DIR=${OUT:-bench/results/gpu_check}
 PY=${PYTHON:-python3}
-SERVE_RATES=${SERVE_RATES:-0.5,1,2}
-SERVE_MODES=${SERVE_MODES:-gpu-only,auto}
+SERVE_RATES=${SERVE_RATES:-0.5,3}
+SERVE_MODES=${SERVE_MODES:-gpu-only,auto,auto@baseline}
+CPU_KV_DTYPE=${CPU_KV_DTYPE:-bfloat16}
 GPU_KV_TOKENS=${GPU_KV_TOKENS:-4000}
 SERVE_MODEL=${SERVE_MODEL:-random:llama-3-8b}
 SERVE_INPUT_LEN=${SERVE_INPUT_LEN:-normal:1000:100}
@@ -177,12 +189,19 @@ else
   record ring SKIP 0 "bench/bench_ring.py not in the tree"
 fi
 
+# --- one pipelined step, traced ---------------------------------------------------------------------------------------
+# NOTE: the sidecar gets the cores the serve stage's launcher would give it (all but the worker's and the gateway's).
+TRACE_THREADS=$(( $(nproc) > 4 ? $(nproc) - 3 : 1 ))
+run_stage trace 75 "$PY" bench/trace_pipeline.py --model "$SERVE_MODEL" --device "$CHECK_DEVICE" --dtype bfloat16 \
+  --cpu-attn-threads "$TRACE_THREADS" --cpu-kv-dtype "$CPU_KV_DTYPE" --out "$OUT_DIR"
+set_note "$(grep '^pipelined step' "$WORK/trace.log" | cut -c1-160)"
+
 # --- serving comparison -----------------------------------------------------------------------------------------------
 SERVE_LEFT=$((BUDGET - $(elapsed) - 15))
 if [ "$SERVE_LEFT" -ge 60 ]; then
   run_stage serve "$((SERVE_LEFT + 10))" "$PY" bench/serve.py --modes "$SERVE_MODES" --rates "$SERVE_RATES" \
     --num-requests 400 --input-len "$SERVE_INPUT_LEN" --output-len "$SERVE_OUTPUT_LEN" --warmup 2 \
-    --engine-args "--model $SERVE_MODEL --device $CHECK_DEVICE --dtype bfloat16 --gpu-kv-tokens $GPU_KV_TOKENS --max-model-len 2048 --cpu-kv-gib 8" \
+    --engine-args "--model $SERVE_MODEL --device $CHECK_DEVICE --dtype bfloat16 --gpu-kv-tokens $GPU_KV_TOKENS --max-model-len 2048 --cpu-kv-gib 8 --cpu-kv-dtype $CPU_KV_DTYPE" \
     --budget-s "$SERVE_LEFT" --no-progress --out "$WORK/serve"
   cp "$WORK/serve/serve.json" "$WORK/serve/serve.png" "$OUT_DIR/" 2>/dev/null
   set_note "$("$PY" - "$WORK/serve/serve.json" <<'EOF' 2>/dev/null

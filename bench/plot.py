@@ -120,6 +120,8 @@ def markdown_tables(results: dict) -> str:
                 f"| {at_equal} |")
     if any(r["server"].get("cpu_decode_share_source") == "sampled" for r in results.get("runs", [])):
         lines += ["", "\\* sampled mean of sequences-on-CPU / running (the worker exports no decode counters)."]
+    for mode, bound in results.get("latency_bounds_ms", {}).items():
+        lines += ["", f"{mode}: auto with --latency-bound-ms {bound:.1f}."]
     for mode, err in results.get("mode_errors", {}).items():
         lines += ["", f"Mode {mode} failed: {err.splitlines()[0] if err else '?'}"]
     return "\n".join(lines)

@@ -6,6 +6,10 @@
         --engine-args "--model random:llama-3-8b --dtype bfloat16 --gpu-kv-tokens 4000"
     python bench/serve.py --address 127.0.0.1:50051 --rates 2   # drive a server that is already running
 
+A mode may carry a latency bound for the auto scheduler: `auto@30` runs auto with `--latency-bound-ms 30`, and
+`auto@baseline` with the largest p50 per-token latency gpu-only had in this run (so list gpu-only first): auto then
+admits sequences to the CPU only while a decode step is predicted to stay within what gpu-only achieved.
+
 For each mode it starts the server through the launcher (`python -m neoserve.cli serve`, loopback, free ports, the
 engine flags passed through and `--mode` set), waits until it is SERVING, sends warm-up requests (excluded), then
 for each rate sends requests with Poisson arrivals through the public gRPC API (neoserve.v1.InferenceService),
@@ -66,6 +70,7 @@ from neoserve.v1 import inference_service_pb2 as pb  # noqa: E402
 from neoserve.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MODES = ("gpu-only", "auto", "cpu-all")
+BASELINE_MODE = "gpu-only"
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 # Cumulative worker counters (StatsResponse field names) reported as deltas over each run, when the worker exports
 # them: the share of decodes on the CPU comes from num_cpu_decodes / num_decodes (or num_gpu_decodes).
@@ -152,8 +157,22 @@ class BenchConfig:
         if not self.modes:
             raise ValidationError("modes", "give at least one mode")
         for mode in self.modes:
-            if mode not in MODES:
-                raise ValidationError("modes", f"{mode!r} is not one of {', '.join(MODES)}")
+            base, _, bound = mode.partition("@")
+            if base not in MODES:
+                raise ValidationError("modes", f"{mode!r}: {base!r} is not one of {', '.join(MODES)}")
+            if "@" in mode:
+                if base != "auto":
+                    raise ValidationError("modes", f"{mode!r}: only auto takes a latency bound (auto@MS)")
+                if bound == "baseline":
+                    if BASELINE_MODE not in self.modes[:self.modes.index(mode)]:
+                        raise ValidationError("modes", f"{mode!r} needs {BASELINE_MODE} listed before it")
+                else:
+                    try:
+                        ok = float(bound) > 0
+                    except ValueError:
+                        ok = False
+                    if not ok:
+                        raise ValidationError("modes", f"{mode!r}: the bound must be ms > 0 or 'baseline'")
         if len(set(self.modes)) != len(self.modes):
             raise ValidationError("modes", "a mode is listed twice")
         if not self.rates:
@@ -503,8 +522,10 @@ def _record_dict(r: RequestRecord) -> dict:
 class ServerProcess:
     """`python -m neoserve.cli serve` in its own session on free loopback ports; stop() leaves nothing behind."""
 
-    def __init__(self, mode: str, cfg: BenchConfig, log_path: Path, *, ready_timeout_s: float):
-        self.mode = mode
+    def __init__(self, mode: str, cfg: BenchConfig, log_path: Path, *, ready_timeout_s: float,
+                 latency_bound_ms: float | None = None):
+        self.mode = mode.partition("@")[0]
+        self.latency_bound_ms = latency_bound_ms
         self.cfg = cfg
         self.ready_timeout_s = ready_timeout_s
         self.log_path = log_path
@@ -520,7 +541,10 @@ class ServerProcess:
             others = [c for c in sorted(os.sched_getaffinity(0)) if c != self.cfg.client_cpu]
             serve_args += ["--cpus", ",".join(map(str, others))]
         # NOTE: no restarts: a worker that crashes mid-run must show up as failed requests, not as a hidden gap.
-        return [sys.executable, "-m", "neoserve.cli", "serve", *self.cfg.engine_args, "--mode", self.mode,
+        engine_args = list(self.cfg.engine_args)
+        if self.latency_bound_ms is not None:
+            engine_args += ["--latency-bound-ms", f"{self.latency_bound_ms:.3f}"]
+        return [sys.executable, "-m", "neoserve.cli", "serve", *engine_args, "--mode", self.mode,
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--state-file", str(self.state_file),
                 "--max-restarts", "0", "--drain-timeout-s", "5", "--ready-timeout-s", f"{self.ready_timeout_s:.0f}",
                 *serve_args]
@@ -772,7 +796,7 @@ async def bench_server(cfg: BenchConfig, mode: str, address: str, worker_address
         results.setdefault("model", {
             "model_id": info.model_id, "architecture": info.architecture, "vocab_size": info.vocab_size,
             "max_model_len": info.max_model_len, "device": info.device})
-        if info.mode and info.mode != mode:
+        if info.mode and info.mode != mode.partition("@")[0]:
             print(f"serve.py: warning: the server reports mode {info.mode!r}, expected {mode!r}", file=sys.stderr)
         rng = np.random.default_rng(cfg.seed)  # NOTE: same seed per mode: every mode gets the same workload
 
@@ -823,6 +847,20 @@ async def bench_server(cfg: BenchConfig, mode: str, address: str, worker_address
         await sampler.close()
 
 
+def latency_bound_ms(mode: str, runs: list[dict]) -> float | None:
+    """The --latency-bound-ms of a mode spec: None for a plain mode, the number of `auto@MS`, and for
+    `auto@baseline` the largest p50 per-token latency among the baseline's runs so far."""
+    _, _, bound = mode.partition("@")
+    if not bound:
+        return None
+    if bound != "baseline":
+        return float(bound)
+    tpots = [r["tpot_ms"]["p50"] for r in runs if r["mode"] == BASELINE_MODE and r["tpot_ms"]["p50"] is not None]
+    if not tpots:
+        raise ValueError(f"{mode}: skipped, {BASELINE_MODE} measured no per-token latency to bound it with")
+    return max(tpots)
+
+
 def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
     """Runs the whole benchmark; returns the results dict (also written to cfg.out)."""
     from bench.plot import comparisons, markdown_tables, plot_curves
@@ -857,7 +895,15 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
             if ready_s < 10:
                 results["mode_errors"][mode] = "skipped: the time budget is spent"
                 continue
-            server = ServerProcess(mode, cfg, out / f"server-{mode}.log", ready_timeout_s=ready_s)
+            try:
+                bound = latency_bound_ms(mode, results["runs"])
+            except ValueError as e:
+                results["mode_errors"][mode] = str(e)
+                continue
+            if bound is not None:
+                results.setdefault("latency_bounds_ms", {})[mode] = bound
+            server = ServerProcess(mode, cfg, out / f"server-{mode}.log", ready_timeout_s=ready_s,
+                                   latency_bound_ms=bound)
             timing = results["timing"][mode] = {"t0": time.monotonic()}
             try:
                 address = server.start()
@@ -928,7 +974,9 @@ def _meta(cfg: BenchConfig, argv: list[str] | None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/serve.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="gpu-only,auto", help="comma-separated modes to compare (gpu-only,auto,cpu-all)")
+    p.add_argument("--modes", default="gpu-only,auto",
+                   help="comma-separated modes to compare: gpu-only, auto, cpu-all, auto@MS (auto under a latency "
+                        "bound of MS ms), auto@baseline (bound = gpu-only's largest p50 per-token latency)")
     p.add_argument("--rates", default="1,2,4", help="comma-separated request rates in req/s; 'inf' = all at once")
     p.add_argument("--num-requests", type=int, default=64, help="requests per rate (default: 64)")
     p.add_argument("--duration-s", type=float, default=None, help="also stop sending after this many seconds")

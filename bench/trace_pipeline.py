@@ -1,6 +1,7 @@
 """Trace of one pipelined engine step: device and sidecar busy intervals on one clock, and how much they overlap.
 
     python bench/trace_pipeline.py [--model embedded] [--device auto] [--out DIR]
+    python bench/trace_pipeline.py --model random:llama-3-8b --device cuda --dtype bfloat16 --cpu-attn-threads 12
 
 Starts an engine in cpu-all mode (every sequence decodes on the CPU after its prefill) and staggers arrivals, so a
 step mixes a device prefill with CPU decodes; runs until a step uses the two-sub-batch pipeline, records that step with
@@ -30,7 +31,9 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
+    parser.add_argument("--cpu-attn-threads", type=int, default=1, help="threads of the sidecar it spawns")
+    parser.add_argument("--cpu-kv-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--num-seqs", type=int, default=12)
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -39,7 +42,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, mode="cpu-all",
-                                    threads=args.threads, cpu_kv_gib=1.0))
+                                    threads=args.threads, cpu_kv_gib=1.0, cpu_attn_threads=args.cpu_attn_threads,
+                                    cpu_kv_dtype=args.cpu_kv_dtype))
     try:
         vocab = engine.model_config.vocab_size
         g = torch.Generator().manual_seed(0)

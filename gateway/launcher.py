@@ -85,12 +85,16 @@ def plan_cpus(cpus: list[int], *, sidecar_busy: bool, worker_on_gpu: bool) -> Cp
     """Splits the cores between the processes.
 
     NOTE: the sidecar computes decode attention only when KV lives on the CPU (mode != gpu-only); then it gets the
-    upper half of the cores (most of them when the model itself runs on a GPU). The gateway is light (tokenize,
-    stream) and shares the last core.
+    upper half of the cores (all but two when the model itself runs on a GPU). The gateway is light (tokenize,
+    stream) and shares the last core, except beside a GPU worker with 3+ cores: then it gets a core of its own,
+    since the sidecar's kernel splits each call evenly over its threads and one of them sharing a core with the
+    gateway would hold up the whole call.
     """
     n = len(cpus)
     if n == 1:
         return CpuPlan(cpus, cpus, cpus, 1, 1)
+    if sidecar_busy and worker_on_gpu and n >= 3:
+        return CpuPlan(cpus[:1], cpus[2:], cpus[1:2], 1, n - 2)
     if sidecar_busy:
         n_sidecar = n - 1 if worker_on_gpu else max(1, n // 2)
         sidecar = cpus[n - n_sidecar:]

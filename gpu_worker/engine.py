@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from gpu_worker.block_manager import BlockManager, CpuKVBudget
@@ -162,6 +163,7 @@ class LLMEngine:
 
     # --- the step -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self._release_sidecar(sched.preempted)
         outputs = [self._finish(seq, FinishReason.ERROR, error) for seq, error in sched.failed]
@@ -174,6 +176,10 @@ class LLMEngine:
                 self._on_sidecar_failure(e)
                 # NOTE: nothing of this step is kept: GPU rows rewrite the same KV slots when rescheduled.
                 return outputs
+            if sched.estimated_time is not None and not sched.prefills:
+                # NOTE: decode steps only: their time is what a latency bound limits, and prefill chunks would skew
+                # the learnt overhead with the cost model's extrapolation error for large token counts.
+                self.scheduler.planner.observe(sched.estimated_time, time.perf_counter() - t0)
             outputs += self._postprocess(sched, sampled)
             num_cpu = len(sched.cpu_decodes_a) + len(sched.cpu_decodes_b)
             self.num_cpu_decodes += num_cpu

@@ -7,8 +7,11 @@ while the sidecar computes attention for A's CPU decodes. So one iteration takes
     max(gpu(A), cpu(B)) + max(gpu(B), cpu(A_cpu))
 
 and the planner assigns each CPU decode to the side that keeps that smallest. With a latency bound, a CPU decode
-whose inclusion would push the iteration past it is deferred, but never more than `max_wait_steps` steps in a row.
-Without a cost model (not profiled yet) CPU decodes are split into halves of equal context.
+whose inclusion would push the iteration past it is deferred, but never more than `max_wait_steps` steps in a row;
+and the scheduler asks `admits` before it moves one more sequence to the CPU, so that the CPU side is not filled
+with more decodes than one iteration can run within the bound (deferring cannot fix that: every CPU sequence must
+still decode once per `max_wait_steps + 1` steps). Without a cost model (not profiled yet) CPU decodes are split
+into halves of equal context, and without a bound everything is admitted.
 """
 
 from __future__ import annotations
@@ -42,12 +45,24 @@ def _context(seqs: list[Sequence]) -> int:
 
 
 class PipelinePlanner:
+    OVERHEAD_EWMA = 0.1  # weight of the newest step in step_overhead_s
+
     def __init__(self, cost: CostModel | None = None, latency_bound_s: float | None = None, max_wait_steps: int = 4):
         if max_wait_steps < 0:
             raise ValueError(f"max_wait_steps must be >= 0, got {max_wait_steps}")
         self.cost = cost
         self.latency_bound_s = latency_bound_s
         self.max_wait_steps = max_wait_steps
+        # What a decode step costs beyond the cost model's layers (scheduling, sampling, logits, launches), learnt
+        # from measured steps; a latency bound is about the whole step, so it is checked with this added.
+        self.step_overhead_s = 0.0
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        """A decode step the cost model predicted at predicted_s took measured_s."""
+        self.step_overhead_s += self.OVERHEAD_EWMA * (measured_s - predicted_s - self.step_overhead_s)
+
+    def _within_bound(self, t: float) -> bool:
+        return self.latency_bound_s is None or t + max(self.step_overhead_s, 0.0) <= self.latency_bound_s
 
     def iteration_time(self, gpu_tokens: int, gpu_context: int, a: list[Sequence], b: list[Sequence]) -> float:
         c = self.cost
@@ -56,6 +71,16 @@ class PipelinePlanner:
         if not b:  # one batch: the GPU waits for the CPU attention of A in every layer
             return gpu_a + cpu_a
         return max(gpu_a, c.cpu_time(len(b), _context(b))) + max(c.gpu_time(len(b), 0), cpu_a)
+
+    def admits(self, gpu_decodes: int, gpu_context_tokens: int, cpu_seqs: list[Sequence]) -> bool:
+        """Whether a decode-only iteration with these CPU decodes (and gpu_decodes GPU decodes over
+        gpu_context_tokens of context) fits the latency bound. True without a bound or a cost model."""
+        if self.cost is None or self.latency_bound_s is None:
+            return True
+        # NOTE: contexts as they are now; they grow by a token per step, so the bound holds for admission, and the
+        # per-step deferral above keeps later iterations near it.
+        probe = PipelinePlanner(self.cost)
+        return self._within_bound(probe.plan(gpu_decodes, gpu_context_tokens, cpu_seqs).estimated_time)
 
     def plan(self, gpu_tokens: int, gpu_context_tokens: int, cpu_seqs: list[Sequence]) -> PipelinePlan:
         if self.cost is None:
@@ -69,7 +94,7 @@ class PipelinePlanner:
             t_b = self.iteration_time(gpu_tokens, gpu_context_tokens, a, b + [seq])
             best = min(t_a, t_b)
             must_run = seq.cpu_wait_steps >= self.max_wait_steps
-            if self.latency_bound_s is not None and best > self.latency_bound_s and not must_run:
+            if not self._within_bound(best) and not must_run:
                 plan.deferred.append(seq)
                 continue
             (a if t_a <= t_b else b).append(seq)

@@ -67,6 +67,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     deferred: list[Sequence] = field(default_factory=list)  # CPU decodes held back this step for balance
     failed: list[tuple[Sequence, str]] = field(default_factory=list)  # can never fit: finished with an error
+    estimated_time: float | None = None  # the cost model's forward time for this step (None without a model)
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -174,6 +175,9 @@ class Scheduler:
             else:
                 (out.prefills if s.seq.is_prefill else out.decodes).append(s)
         self._plan_cpu(out, cpu_work)
+        if self.planner.cost is not None and out.estimated_time is None and not out.is_empty():
+            out.estimated_time = self.planner.cost.gpu_time(
+                sum(s.num_new_tokens for s in out.decodes + out.prefills), sum(s.seq.num_tokens for s in out.decodes))
         return out
 
     # --- placement ----------------------------------------------------------------------------------------------------
@@ -205,17 +209,30 @@ class Scheduler:
         return True
 
     def _swap_out_for(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Admission in auto/cpu-all: move decoding GPU sequences (newest first) to the CPU to fit a prefill."""
+        """Admission in auto/cpu-all: move decoding GPU sequences (newest first) to the CPU to fit a prefill.
+        In auto, only as many as the planner's latency bound admits: past that the request waits, as in gpu-only."""
         bm = self.block_manager
         candidates = [s for s in reversed(self.running) if s.location == KVLocation.GPU and self._can_swap_out(s, out)]
+        candidates = candidates[:self.config.max_swaps_per_step - len(out.swap_out)]
         needed = bm.blocks_needed(seq, num_tokens) - bm.num_free_blocks
-        if sum(len(s.block_table) for s in candidates) < needed:
-            return False
+        victims, freed = [], 0
         for victim in candidates:
-            if bm.can_allocate(seq, num_tokens):
+            if freed >= needed:
                 break
+            victims.append(victim)
+            freed += len(victim.block_table)
+        if freed < needed or (self.config.mode == "auto" and not self._cpu_admits(victims)):
+            return False
+        for victim in victims:
             self._swap_out(victim, out)
         return bm.can_allocate(seq, num_tokens)
+
+    def _cpu_admits(self, victims: list[Sequence]) -> bool:
+        """Whether decode steps stay within the latency bound with `victims` moved to the CPU (and the sequence
+        being admitted decoding on the GPU)."""
+        cpu = [s for s in self.running if s.location == KVLocation.CPU] + victims
+        gpu = [s for s in self.running if s.location == KVLocation.GPU and s not in victims]
+        return self.planner.admits(len(gpu) + 1, sum(s.num_tokens for s in gpu), cpu)
 
     def _can_swap_out(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Only decoding sequences move (prefill needs the GPU), within the per-step copy bound and CPU room."""
@@ -302,6 +319,7 @@ class Scheduler:
         out.cpu_decodes_b = [by_seq[q.seq_id] for q in plan.sub_batch_b]
         out.pipelined = bool(out.cpu_decodes_b)
         out.deferred = plan.deferred
+        out.estimated_time = plan.estimated_time if self.planner.cost is not None else None
         for seq in plan.deferred:
             seq.cpu_wait_steps += 1
         for s in out.cpu_decodes_a + out.cpu_decodes_b:

@@ -75,6 +75,25 @@ def test_config_rejects_what_it_cannot_run():
         bench_serve.BenchConfig(modes=["auto"], rates=[1.0], address="10.0.0.1:50051")  # loopback only
     with pytest.raises(ValidationError):
         bench_serve.parse_rate("0")
+    for modes in (["auto@baseline"], ["auto@baseline", "gpu-only"], ["gpu-only@5"], ["gpu-only", "auto@-1"],
+                  ["gpu-only", "auto@fast"]):
+        with pytest.raises(ValidationError):
+            bench_serve.BenchConfig(modes=modes, rates=[1.0])
+    bench_serve.BenchConfig(modes=["gpu-only", "auto", "auto@baseline", "auto@25"], rates=[1.0])
+
+
+def test_latency_bound_of_a_mode_spec():
+    runs = [_run("gpu-only", 1.0, 100.0, 20.0), _run("gpu-only", 2.0, 150.0, 31.5), _run("auto", 2.0, 200.0, 50.0)]
+    assert bench_serve.latency_bound_ms("auto", runs) is None
+    assert bench_serve.latency_bound_ms("auto@12.5", runs) == 12.5
+    assert bench_serve.latency_bound_ms("auto@baseline", runs) == 31.5
+    with pytest.raises(ValueError, match="no per-token latency"):
+        bench_serve.latency_bound_ms("auto@baseline", runs[2:])
+    server = bench_serve.ServerProcess("auto@baseline", bench_serve.BenchConfig(modes=["auto"], rates=[1.0]),
+                                       Path("/dev/null"), ready_timeout_s=10, latency_bound_ms=31.5)
+    argv = server.argv()
+    assert argv[argv.index("--mode") + 1] == "auto"
+    assert argv[argv.index("--latency-bound-ms") + 1] == "31.500"
 
 
 def _record(i, send, token_times, *, n_req, prompt=10, error=None):

@@ -200,6 +200,8 @@ def test_cpu_plan_never_oversubscribes():
                     assert not set(plan.worker) & set(plan.sidecar)
     two = plan_cpus([0, 1], sidecar_busy=True, worker_on_gpu=False)
     assert (two.worker, two.sidecar, two.gateway) == ([0], [1], [1])
+    gpu = plan_cpus(list(range(15)), sidecar_busy=True, worker_on_gpu=True)
+    assert (gpu.worker, gpu.gateway, gpu.sidecar) == ([0], [1], list(range(2, 15)))
 
 
 def test_gateway_process_does_not_import_torch():

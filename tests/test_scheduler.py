@@ -287,3 +287,57 @@ def test_a_sequence_swapped_in_is_not_swapped_out_in_the_same_step():
     if b.location == KVLocation.CPU:  # the swap-in was cancelled: b keeps decoding from the sidecar
         assert b.block_table == [] and b not in gpu_rows and not out.swap_in
     assert bm.num_used_blocks <= bm.num_blocks
+
+
+def test_auto_admits_to_the_cpu_only_within_the_latency_bound():
+    """With a bound, auto moves sequences to the CPU only while a decode step is predicted to fit it; the other
+    requests wait (as in gpu-only) instead of slowing every step down, and all of them still finish."""
+    cost = FakeCost()
+    # One CPU decode of ~400 tokens (0.4 ms) fits beside the GPU decodes (~1 ms); two do not, split or not.
+    bound = cost.gpu_time(3, 0) + cost.cpu_time(1, 500)
+
+    def most_on_cpu(planner: PipelinePlanner) -> int:
+        # GPU room for two 400-token prompts and their growth (blocks of 4 tokens).
+        sched = neo_scheduler("auto", gpu_blocks=2 * 100 + 16, planner=planner)
+        for i in range(8):
+            sched.add(make_seq(400, max_tokens=30, name=f"s{i}"))
+        most = 0
+        while sched.has_unfinished():
+            out = sched.schedule()
+            most = max(most, sum(s.location == KVLocation.CPU for s in sched.running))
+            fake_neo_step(sched, out)
+        assert sched.block_manager.num_used_blocks == 0 and sched.cpu_budget.num_used_blocks == 0
+        return most
+
+    assert most_on_cpu(PipelinePlanner(cost, latency_bound_s=bound)) == 1
+    assert most_on_cpu(PipelinePlanner(cost)) > 1
+    assert PipelinePlanner(cost, latency_bound_s=bound).admits(2, 800, _cpu_seqs([400]))
+    assert not PipelinePlanner(cost, latency_bound_s=bound).admits(2, 800, _cpu_seqs([400, 400]))
+
+
+def test_planner_learns_step_overhead_and_bounds_the_whole_step():
+    """The bound is about a whole step: overhead the cost model does not see (sampling, scheduling) is learnt from
+    measured decode steps and counted against it."""
+    cost = FakeCost()
+    bound = cost.gpu_time(3, 0) + cost.cpu_time(1, 500)
+    planner = PipelinePlanner(cost, latency_bound_s=bound)
+    assert planner.admits(2, 800, _cpu_seqs([400]))
+    for _ in range(100):  # every step measured 0.2 ms slower than predicted
+        planner.observe(1.0e-3, 1.2e-3)
+    assert planner.step_overhead_s == pytest.approx(0.2e-3, rel=1e-3)
+    assert not planner.admits(2, 800, _cpu_seqs([400]))  # 1.43 ms + 0.2 ms > 1.53 ms
+    assert planner.admits(2, 800, _cpu_seqs([200]))
+    plan = planner.plan(gpu_tokens=2, gpu_context_tokens=0, cpu_seqs=_cpu_seqs([400]))
+    assert len(plan.deferred) == 1
+
+
+def test_scheduler_reports_the_predicted_step_time():
+    cost = FakeCost()
+    sched = neo_scheduler("auto", gpu_blocks=64, planner=PipelinePlanner(cost))
+    sched.add(make_seq(10, max_tokens=4, name="s0"))
+    out = sched.schedule()
+    assert out.estimated_time == pytest.approx(cost.gpu_time(10, 0))
+    fake_neo_step(sched, out)
+    out = sched.schedule()
+    assert out.estimated_time == pytest.approx(cost.gpu_time(1, 11))
+    assert neo_scheduler("auto", gpu_blocks=64).schedule().estimated_time is None
