@@ -13,6 +13,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from neoserve.errors import ModelLoadError
 from neoserve.internal.v1 import sidecar_pb2, sidecar_pb2_grpc
 from neoserve.tokenizer import Tokenizer
 
@@ -36,6 +37,7 @@ class BackendMonitor:
         self._worker = worker
         self._model = model
         self._model_spec = model_spec
+        self.fatal_error: ModelLoadError | None = None  # set when the model can never be served (no tokenizer)
         self._health = health_servicer
         self._metrics = metrics
         self._admission = admission
@@ -75,17 +77,24 @@ class BackendMonitor:
             return False
         return sidecar_up(resp.status)
 
-    def start_tokenizer_load(self) -> None:
-        """Loads the tokenizer now if its source is known, in parallel with the worker loading the model."""
-        if self._model_spec and self._tokenizer_task is None:
-            self._tokenizer_task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(Tokenizer.load, self._model_spec))
+    def start_tokenizer_load(self, info=None) -> None:
+        """Loads the tokenizer now if its source is known, in parallel with the worker loading the model. A
+        random-weight model's synthetic tokenizer waits for the worker's info (it is sized to the model's vocab)."""
+        if not self._model_spec or self._tokenizer_task is not None:
+            return
+        kwargs = {}
+        if self._model_spec.startswith("random:"):
+            if info is None:
+                return
+            kwargs = {"vocab_size": info.vocab_size, "eos_token_ids": list(info.eos_token_ids)}
+        self._tokenizer_task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(Tokenizer.load, self._model_spec, **kwargs))
 
     async def _load_model(self) -> None:
         info = await self._worker.info()
         if self._tokenizer_task is None:
             self._model_spec = self._model_spec or info.model_spec or "embedded"
-            self.start_tokenizer_load()
+            self.start_tokenizer_load(info)
         try:
             tokenizer = await self._tokenizer_task
         except Exception:
@@ -103,6 +112,8 @@ class BackendMonitor:
         if worker_ok and not self._model.ready:
             try:
                 await self._load_model()
+            except ModelLoadError:
+                raise  # NOTE: no tokenizer file will appear by waiting: retrying would only hide the cause
             except Exception:  # noqa: BLE001 - retried next round; the health status says NOT_SERVING meanwhile
                 log.exception("could not load the model description from the worker")
         sidecar_ok = await self._sidecar_ok()
@@ -129,12 +140,18 @@ class BackendMonitor:
         self._changed.set()
 
     async def run(self) -> None:
+        """Checks the backends every interval until cancelled; returns (with fatal_error set) when the model's
+        tokenizer cannot be loaded at all."""
         self.start_tokenizer_load()
         while True:
             try:
                 await self.check_once()
             except asyncio.CancelledError:
                 raise
+            except ModelLoadError as e:
+                log.error("cannot serve: %s", e)
+                self.fatal_error = e
+                return
             except Exception:  # noqa: BLE001 - the monitor must outlive any one failed check
                 log.exception("backend check failed")
             await asyncio.sleep(self._interval_s)

@@ -120,6 +120,7 @@ class Gateway:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
         self.worker.start()
         self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run(), name="backend-monitor")
+        self._monitor_task.add_done_callback(self._on_monitor_done)
         if self.config.port_file:
             tmp = Path(self.config.port_file + ".tmp")
             tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
@@ -127,6 +128,11 @@ class Gateway:
             tmp.replace(self.config.port_file)  # NOTE: atomic, so a reader never sees half a file
         log.info("gateway listening on %s:%d (OpenAI HTTP port %s, metrics port %s)", self.config.host, self.port,
                  self.http_port, self.metrics_port)
+
+    def _on_monitor_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and self.monitor.fatal_error is not None:
+            # NOTE: the model cannot be served at all: stop now, so the launcher reports the cause at start-up.
+            self._fatal_stop = asyncio.get_running_loop().create_task(self.drain_and_stop())
 
     async def drain_and_stop(self) -> None:
         """Refuses new requests (UNAVAILABLE), lets running streams finish for drain_timeout_s, then stops."""
@@ -166,3 +172,5 @@ async def serve(config: GatewayConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     await gateway.wait_stopped()
+    if gateway.monitor.fatal_error is not None:
+        raise SystemExit(f"gateway: cannot serve: {gateway.monitor.fatal_error}")

@@ -122,13 +122,17 @@ class Tokenizer:
     # --- loading ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, spec: str | None) -> "Tokenizer":
-        """None/"embedded"/"random:<shape>" -> the embedded SmolLM2 tokenizer; *.gguf -> GGUF; folder -> HF folder."""
+    def load(cls, spec: str | None, *, vocab_size: int | None = None, eos_token_ids: Sequence[int] = ()) -> "Tokenizer":
+        """None/"embedded" -> the embedded SmolLM2 tokenizer; *.gguf -> GGUF; folder -> HF folder;
+        "random:<shape>" -> a synthetic byte-level tokenizer of vocab_size ids (see `synthetic`)."""
         from neoserve.model_files import embedded_model_path
 
-        if spec is None or spec == "embedded" or str(spec).startswith("random:"):
-            # NOTE: random-weight benchmark models carry no tokenizer; they borrow the embedded model's.
+        if spec is None or spec == "embedded":
             return cls.from_gguf(embedded_model_path())
+        if str(spec).startswith("random:"):
+            if vocab_size is None:
+                raise ModelLoadError(f"{spec}: a random-weight model's tokenizer needs the model's vocab size")
+            return cls.synthetic(vocab_size, eos_token_ids, name=str(spec))
         path = Path(spec)
         if path.is_file() and path.suffix == ".gguf":
             return cls.from_gguf(path)
@@ -140,6 +144,29 @@ class Tokenizer:
                 return cls.from_gguf(ggufs[0])
             raise ModelLoadError(f"{path}: no tokenizer.json and not exactly one .gguf file to take a tokenizer from")
         raise ModelLoadError(f"{spec}: not a .gguf file, a tokenizer folder, 'embedded' or 'random:<shape>'")
+
+    @classmethod
+    def synthetic(cls, vocab_size: int, eos_token_ids: Sequence[int] = (), *, name: str = "synthetic") -> "Tokenizer":
+        """The tokenizer of a random-weight model, which ships none: ids 0-255 are the 256 bytes (any text encodes
+        one id per UTF-8 byte and decodes back exactly), and every other id decodes to the text `<|tok_N|>`.
+
+        NOTE: built from the model's own vocab size, so every id the model can sample decodes to something and a
+        benchmark of a large-vocabulary shape (llama-3-8b: 128,256 ids) needs no checkpoint or borrowed vocabulary."""
+        from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+        if vocab_size < 256:
+            raise ModelLoadError(f"{name}: a synthetic byte-level tokenizer needs vocab_size >= 256, got {vocab_size}")
+        byte_chars = _bytes_to_unicode()
+        vocab = {byte_chars[b]: b for b in range(256)}
+        token_bytes = [bytes([b]) for b in range(256)]
+        for i in range(256, vocab_size):
+            vocab[f"<|tok_{i}|>"] = i
+            token_bytes.append(f"<|tok_{i}|>".encode())
+        backend = Backend(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        eos = [i for i in eos_token_ids if 0 <= i < vocab_size]
+        return cls(backend, token_bytes, set(eos), bos_token_id=None, eos_token_id=eos[0] if eos else None,
+                   eos_token_ids=eos, chat_template=None, special_tokens={}, name=name)
 
     @classmethod
     def from_gguf(cls, path) -> "Tokenizer":

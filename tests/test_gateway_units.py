@@ -17,7 +17,7 @@ from gateway.launcher import plan_cpus
 from gateway.requests import prepare, worker_params
 from gateway.status import DeadlineError, DrainingError, NotReadyError, status_for
 from gpu_worker.server import error_record, params_from_proto
-from neoserve.errors import BackendUnavailableError, CapacityError, ValidationError
+from neoserve.errors import BackendUnavailableError, CapacityError, ModelLoadError, ValidationError
 from neoserve.internal.v1 import worker_pb2
 from neoserve.sampling_params import SamplingParams
 from neoserve.v1 import inference_service_pb2 as pb
@@ -208,3 +208,62 @@ def test_gateway_process_does_not_import_torch():
     code = ("import sys, gateway.server, gateway.__main__, gateway.launcher, neoserve.client, neoserve.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- backend monitor: the model's tokenizer ----------------------------------------------------------------------------
+
+class _FakeWorker:
+    address = "fake"
+    connected = True
+
+    def __init__(self, info):
+        self._info = info
+
+    async def healthy(self):
+        return True
+
+    async def info(self):
+        return self._info
+
+    async def stats(self, timeout=None):
+        return worker_pb2.StatsResponse()
+
+
+def _monitor(info):
+    from grpc_health.v1 import health
+
+    from gateway.admission import Admission
+    from gateway.backends import BackendMonitor
+    from gateway.generation import ModelState
+    from gateway.metrics import GatewayMetrics
+
+    return BackendMonitor(worker=_FakeWorker(info), sidecar_address=None, model=ModelState(), model_spec=None,
+                          health_servicer=health.aio.HealthServicer(), metrics=GatewayMetrics(),
+                          admission=Admission(max_inflight=1, max_queued=1), interval_s=0.01)
+
+
+def test_random_weight_model_gets_a_tokenizer_of_its_own_vocab():
+    import asyncio
+
+    info = worker_pb2.InfoResponse(model_spec="random:llama-3-8b", model_id="random:llama-3-8b", vocab_size=128256,
+                                   max_model_len=2048, eos_token_ids=[128001, 128009])
+    monitor = _monitor(info)
+
+    async def check():
+        return await asyncio.wait_for(monitor.check_once(), 30)
+
+    assert asyncio.run(check()) is True
+    tok = monitor._model.tokenizer
+    assert tok.vocab_size == 128256 and tok.eos_token_ids == [128001, 128009]
+
+
+def test_a_tokenizer_that_cannot_load_stops_the_monitor_at_once():
+    """A permanent load error is reported and ends the monitor (the gateway then exits), instead of the gateway
+    staying NOT_SERVING until the launcher's start-up timeout."""
+    import asyncio
+
+    info = worker_pb2.InfoResponse(model_spec="random:tiny", model_id="random:tiny", vocab_size=100)
+    monitor = _monitor(info)
+    asyncio.run(asyncio.wait_for(monitor.run(), 30))
+    assert isinstance(monitor.fatal_error, ModelLoadError) and "vocab_size >= 256" in str(monitor.fatal_error)
+    assert monitor.serving is False

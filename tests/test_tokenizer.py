@@ -373,7 +373,8 @@ def test_tiny_gguf_default_pre(tmp_path):
 def test_load_specs(tmp_path, tok):
     embedded = Tokenizer.load(None)
     assert Tokenizer.load("embedded") is embedded  # cached: one parse per file
-    assert Tokenizer.load("random:tiny").vocab_size == 49152
+    with pytest.raises(ModelLoadError, match="vocab size"):
+        Tokenizer.load("random:tiny")
     assert Tokenizer.load(str(embedded_model_path())).encode("a  1") == [81, 256, 33]
     with pytest.raises(ModelLoadError):
         Tokenizer.load(str(tmp_path / "nope"))
@@ -479,3 +480,16 @@ def test_unsupported_decoder_is_refused(tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(raw), encoding="utf-8")
     with pytest.raises(ModelLoadError, match="decoder"):
         Tokenizer.from_pretrained_dir(folder)
+
+
+def test_synthetic_tokenizer_of_random_weight_models():
+    tok = Tokenizer.load("random:llama-3-8b", vocab_size=128256, eos_token_ids=[128001, 128009])
+    assert tok.vocab_size == 128256 and tok.eos_token_ids == [128001, 128009] and tok.chat_template is None
+    text = "héllo  1 wörld\n\t✓ <|tok_300|>"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))  # one id per UTF-8 byte, special-looking text included
+    assert tok.decode(ids) == text
+    assert tok.decode([104, 300, 128255, 128001]) == "h<|tok_300|><|tok_128255|><|tok_128001|>"
+    assert tok.decode([104, 128001], skip_special_tokens=True) == "h"
+    with pytest.raises(ModelLoadError):
+        Tokenizer.synthetic(100)
