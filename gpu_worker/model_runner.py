@@ -195,32 +195,40 @@ class ModelRunner:
         """Device attention for the GPU rows; the CPU rows (first batch.num_cpu) go to the sidecar.
         Returns the output with the CPU rows still to fill, and the sidecar ticket for them."""
         nc = batch.num_cpu
-        staged = ready = None
-        if nc:
-            if q.is_cuda:
-                # NOTE: stage the CPU rows into pinned host memory asynchronously and launch the device attention
-                # before waiting for the copy, so the device stays busy while the launch thread hands off.
-                staged = [_pinned_copy(t[:nc]) for t in (q, k, v)]
-                ready = torch.cuda.Event()
-                ready.record()
-            else:
-                staged = [q[:nc], k[:nc], v[:nc]]
+        staged = self.stage_cpu_rows(nc, q, k, v) if nc else None
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
         if batch.num_tokens > nc:
             out[nc:] = paged_attention(self.kv_cache, layer, q[nc:], k[nc:], v[nc:], batch.meta, self.model.scale)
         ticket = None
         if nc:
-            if ready is not None:
-                ready.synchronize()
-            ticket = self.sidecar.submit_attention(layer, batch.cpu_seq_ids, batch.cpu_context_lens, *staged)
+            ticket = self.submit_cpu_rows(layer, batch.cpu_seq_ids, batch.cpu_context_lens, staged)
             if self.tracer is not None:
                 self.tracer.tickets[ticket] = f"attn {batch.name} L{layer}"
         return out, ticket
 
-    def _span(self, name: str):
-        return self.tracer.span(name) if self.tracer is not None else contextlib.nullcontext()
+    # The hand-off of CPU rows to the sidecar, in three parts so that device work can run in between; the cost
+    # model profiles the same three calls (perf_model.profile).
+    def stage_cpu_rows(self, nc: int, q, k, v) -> tuple[list[torch.Tensor], "torch.cuda.Event | None"]:
+        """Host copies of the first nc rows of q [T, Hq, D], k, v [T, Hkv, D], and the event that marks them
+        ready (None on the CPU, where they are views)."""
+        if not q.is_cuda:
+            return [q[:nc], k[:nc], v[:nc]], None
+        # NOTE: stage the CPU rows into pinned host memory asynchronously and launch the device attention
+        # before waiting for the copy, so the device stays busy while the launch thread hands off.
+        staged = [_pinned_copy(t[:nc]) for t in (q, k, v)]
+        ready = torch.cuda.Event()
+        ready.record()
+        return staged, ready
 
-    def _collect(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
+    def submit_cpu_rows(self, layer: int, seq_ids, context_lens, staged) -> int:
+        """Queues the staged rows' attention in the sidecar; returns its ticket."""
+        (q, k, v), ready = staged
+        if ready is not None:
+            ready.synchronize()
+        return self.sidecar.submit_attention(layer, seq_ids, context_lens, q, k, v)
+
+    def collect_cpu_rows(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
+        """Waits for the sidecar's rows of `ticket` and writes them into out[:nc] ([T, Hq * D])."""
         if ticket is None:
             return out
         if out.is_cuda:
@@ -232,6 +240,9 @@ class ModelRunner:
             out[:nc] = self.sidecar.wait(ticket).view(nc, -1)
         return out
 
+    def _span(self, name: str):
+        return self.tracer.span(name) if self.tracer is not None else contextlib.nullcontext()
+
     def _forward(self, batch: "_FlatBatch") -> torch.Tensor:
         model = self.model
         x = model.embed(batch.ids)  # [T, hidden]
@@ -239,7 +250,7 @@ class ModelRunner:
         for i in range(model.num_layers):
             q, k, v = model.pre_attention(i, x, batch.rope)
             attn, ticket = self._attend(i, batch, q, k, v)
-            attn = self._collect(ticket, attn, batch.num_cpu)  # [T, Hq * D]
+            attn = self.collect_cpu_rows(ticket, attn, batch.num_cpu)  # [T, Hq * D]
             if i == last:
                 # NOTE: only the sampled rows feed the logits: skip the last layer's MLP for every other token.
                 x, attn = x.index_select(0, batch.keep_rows), attn.index_select(0, batch.keep_rows)
@@ -260,19 +271,19 @@ class ModelRunner:
                     qa, ka, va = model.pre_attention(i, xa, a.rope)
                     attn_a, ticket_a = self._attend(i, a, qa, ka, va)
             if ticket_b is not None:
-                attn_b = self._collect(ticket_b, attn_b, b.num_cpu)
+                attn_b = self.collect_cpu_rows(ticket_b, attn_b, b.num_cpu)
                 with self._span(f"B post L{i - 1}"):
                     xb = model.post_attention(i - 1, xb, attn_b)
             with self._span(f"B pre L{i}"):
                 qb, kb, vb = model.pre_attention(i, xb, b.rope)
                 attn_b, ticket_b = self._attend(i, b, qb, kb, vb)
             if xa is not None:
-                attn_a = self._collect(ticket_a, attn_a, a.num_cpu)
+                attn_a = self.collect_cpu_rows(ticket_a, attn_a, a.num_cpu)
                 with self._span(f"A post L{i}"):
                     if i == last:
                         xa, attn_a = xa.index_select(0, a.keep_rows), attn_a.index_select(0, a.keep_rows)
                     xa = model.post_attention(i, xa, attn_a)
-        attn_b = self._collect(ticket_b, attn_b, b.num_cpu)
+        attn_b = self.collect_cpu_rows(ticket_b, attn_b, b.num_cpu)
         with self._span(f"B post L{last}"):
             xb = model.post_attention(last, xb, attn_b)
         return (xa if xa is not None else xb[:0]), xb

@@ -4,9 +4,12 @@ start-up and cached in a JSON file.
 It predicts, for one whole forward (all layers):
 - gpu_time(tokens, context): projections + MLP of `tokens` tokens on the worker device (interpolated between
   profiled batch sizes) plus device decode attention per context token;
-- cpu_time(batch, context): sidecar decode attention, measured through the real rings, so the host<->device copies
-  and the ring round trip are in it; plus the device<->host transfer of q/k/v/out per sequence, profiled
-  separately (NEO leaves PCIe time out of its model; we do not).
+- cpu_time(batch, context): one sub-batch's hand-off to the sidecar and its decode attention, per layer summed
+  over layers, measured through the worker's own hand-off (ModelRunner.stage_cpu_rows / submit_cpu_rows /
+  collect_cpu_rows: device -> pinned host, event wait, request ring, the sidecar's kernel with the new token's K/V
+  appended, response ring, pinned host -> device). So PCIe time and every fixed cost of a call are in it (NEO
+  leaves PCIe time out of its model; we do not): a fixed part per call, a part per sequence and a part per context
+  token.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 LINEAR_POINTS = (1, 8, 32, 128, 512)
 PROFILE_SEQ_ID_BASE = 2**62  # sequence ids no request uses
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -40,10 +43,9 @@ class PerfModel:
     key: str
     linear: list[tuple[int, float]]  # (tokens, seconds) for all layers' projections and MLP
     gpu_attn_per_token: float  # seconds per context token, all layers
-    cpu_attn_base: float  # seconds per sidecar call, all layers
+    cpu_attn_base: float  # seconds per sub-batch hand-off (one sidecar call per layer), all layers
+    cpu_attn_per_seq: float  # seconds per sequence in it, all layers
     cpu_attn_per_token: float  # seconds per context token, all layers
-    transfer_per_byte: float  # device <-> pinned host copy
-    bytes_per_cpu_seq: int  # q, k, v in and attention out per sequence, all layers
 
     def gpu_time(self, num_tokens: int, context_tokens: int) -> float:
         if num_tokens <= 0:
@@ -57,8 +59,7 @@ class PerfModel:
     def cpu_time(self, batch: int, context_tokens: int) -> float:
         if batch <= 0:
             return 0.0
-        return (self.cpu_attn_base + context_tokens * self.cpu_attn_per_token
-                + batch * self.bytes_per_cpu_seq * self.transfer_per_byte)
+        return self.cpu_attn_base + batch * self.cpu_attn_per_seq + context_tokens * self.cpu_attn_per_token
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,35 +115,48 @@ def profile(runner, sidecar) -> PerfModel:
     mask = torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=dev)
     gpu_attn = _timed(lambda: decode_attention(q, kv, kv, mask, model.scale), dev) * layers / (b * ctx)
 
-    # The sidecar probe: 4 sequences of up to 512 tokens, fewer where the sidecar's KV budget is small.
+    cpu_base, cpu_per_seq, cpu_per_token = _profile_hand_off(runner, sidecar)
+    return PerfModel(key=profile_key(runner, sidecar), linear=linear, gpu_attn_per_token=gpu_attn,
+                     cpu_attn_base=cpu_base * layers, cpu_attn_per_seq=cpu_per_seq * layers,
+                     cpu_attn_per_token=cpu_per_token * layers)
+
+
+def _profile_hand_off(runner, sidecar) -> tuple[float, float, float]:
+    """Seconds per layer of one sub-batch's CPU attention, as the step runs it: (per call, per sequence, per context
+    token), from three probes (1 and 4 short sequences, 4 long ones)."""
+    mc, dev, dtype = runner.model_config, runner.device, runner.dtype
     stats = sidecar.stats(per_sequence=False)
     block = int(stats["kv_stats"].get("block_size", 128)) or 128
-    if int(stats["blocks_total"]) < 4:
+    if int(stats["blocks_total"]) < 12:
         raise ValueError(f"cpu_kv_gib: the sidecar's KV cache holds {stats['blocks_total']} blocks of {block} tokens; "
-                         "give it room for at least 4 sequences")
-    ctx = min(512, (int(stats["blocks_total"]) // 4) * block)
-    ids = [PROFILE_SEQ_ID_BASE + i for i in range(4)]
+                         "the profile needs at least 12")
+    short = min(16, block)
+    long = min(512, (int(stats["blocks_total"]) // 4 - 1) * block)  # 4 long + 4 short sequences fit
+    ids = [PROFILE_SEQ_ID_BASE + i for i in range(8)]  # 4 short, 4 long
+    q = torch.randn(4, mc.num_heads, mc.head_dim, device=dev, dtype=dtype)
+    kv = torch.randn(4, mc.num_kv_heads, mc.head_dim, device=dev, dtype=dtype)
     sidecar.create_sequences(ids)
     try:
-        k = torch.randn(ctx, mc.num_kv_heads, mc.head_dim)
-        for s in ids:
+        for i, s in enumerate(ids):
+            n = (short if i < 4 else long) - 1  # the probe appends the last token, as a decode step does
+            k = torch.randn(n, mc.num_kv_heads, mc.head_dim)
             sidecar.upload_kv(s, 0, 0, k, k)
-        q_cpu = torch.randn(4, mc.num_heads, mc.head_dim)
-        t1 = _timed(lambda: sidecar.attention(0, ids[:1], [ctx], q_cpu[:1]), torch.device("cpu"), reps=5)
-        t4 = _timed(lambda: sidecar.attention(0, ids, [ctx] * 4, q_cpu), torch.device("cpu"), reps=5)
+
+        def probe(seqs: list[int], context: int) -> float:
+            def one_call():
+                n = len(seqs)
+                staged = runner.stage_cpu_rows(n, q, kv, kv)
+                ticket = runner.submit_cpu_rows(0, seqs, [context] * n, staged)
+                runner.collect_cpu_rows(ticket, q.new_empty(n, mc.q_size), n)
+            return _timed(one_call, dev, reps=5)
+
+        t1s, t4s, t4l = probe(ids[:1], short), probe(ids[:4], short), probe(ids[4:], long)
     finally:
         sidecar.free_sequences(ids)
-    per_token = max(t4 - t1, 1e-9) / (3 * ctx)
-    base = max(t1 - ctx * per_token, 0.0)
-
-    nbytes = 16 << 20
-    src = torch.empty(nbytes // 4, device=dev)
-    dst = torch.empty(nbytes // 4, pin_memory=dev.type == "cuda")
-    transfer = _timed(lambda: dst.copy_(src, non_blocking=False), dev) / nbytes
-    per_seq = (2 * mc.q_size + 2 * mc.kv_size) * 4 * layers
-    return PerfModel(key=profile_key(runner, sidecar), linear=linear, gpu_attn_per_token=gpu_attn,
-                     cpu_attn_base=base * layers, cpu_attn_per_token=per_token * layers,
-                     transfer_per_byte=transfer, bytes_per_cpu_seq=per_seq)
+    per_token = max(t4l - t4s, 1e-9) / (4 * (long - short))
+    per_seq = max((t4s - t1s) / 3 - short * per_token, 0.0)
+    base = max(t1s - per_seq - short * per_token, 0.0)
+    return base, per_seq, per_token
 
 
 def profile_key(runner, sidecar) -> str:  # noqa: ARG001 (the sidecar's settings come from the worker config)

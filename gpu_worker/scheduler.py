@@ -8,8 +8,10 @@ the GPU or, NEO-style, in the cpu_attn sidecar ("CPU"), chosen by the mode:
   freed and it is recomputed later from its prompt and the tokens it already produced (vLLM's recompute policy).
 - cpu-all: every sequence moves its KV to the CPU as soon as its prefill is done.
 - auto: sequences stay on the GPU while blocks last; when they run out, the newest GPU sequences swap out to the
-  CPU (instead of being preempted), and they swap back in when GPU blocks free up. The PipelinePlanner splits CPU
-  decodes into the two sub-batches of an asymmetric pipeline using the profiled performance model.
+  CPU (instead of being preempted), and they swap back in, ahead of waiting requests, when GPU blocks free up. A
+  waiting request makes room by moving sequences to the CPU only when the planner predicts that it pays. The
+  PipelinePlanner splits CPU decodes into the two sub-batches of an asymmetric pipeline using the profiled
+  performance model.
 """
 
 from __future__ import annotations
@@ -120,7 +122,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.config.mode == "cpu-all":
             self._offload_decoders(out)
-        elif self.config.mode == "auto" and not self.waiting:
+        elif self.config.mode == "auto":
+            # NOTE: before admissions, also under load: CPU sequences are older than anything waiting, and one
+            # left on the CPU while new requests take every freed block would slow every step until it finishes.
             self._swap_in(out)
 
         gpu_work: list[ScheduledSeq] = []
@@ -210,7 +214,7 @@ class Scheduler:
 
     def _swap_out_for(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Admission in auto/cpu-all: move decoding GPU sequences (newest first) to the CPU to fit a prefill.
-        In auto, only as many as the planner's latency bound admits: past that the request waits, as in gpu-only."""
+        In auto, only when the planner says it pays (bound, throughput): else the request waits, as in gpu-only."""
         bm = self.block_manager
         candidates = [s for s in reversed(self.running) if s.location == KVLocation.GPU and self._can_swap_out(s, out)]
         candidates = candidates[:self.config.max_swaps_per_step - len(out.swap_out)]
@@ -221,18 +225,18 @@ class Scheduler:
                 break
             victims.append(victim)
             freed += len(victim.block_table)
-        if freed < needed or (self.config.mode == "auto" and not self._cpu_admits(victims)):
+        if freed < needed or (self.config.mode == "auto" and not self._cpu_admits(victims, seq)):
             return False
         for victim in victims:
             self._swap_out(victim, out)
         return bm.can_allocate(seq, num_tokens)
 
-    def _cpu_admits(self, victims: list[Sequence]) -> bool:
-        """Whether decode steps stay within the latency bound with `victims` moved to the CPU (and the sequence
-        being admitted decoding on the GPU)."""
-        cpu = [s for s in self.running if s.location == KVLocation.CPU] + victims
-        gpu = [s for s in self.running if s.location == KVLocation.GPU and s not in victims]
-        return self.planner.admits(len(gpu) + 1, sum(s.num_tokens for s in gpu), cpu)
+    def _cpu_admits(self, victims: list[Sequence], new: Sequence) -> bool:
+        """Whether moving `victims` to the CPU to start `new` on the GPU pays (the planner's latency bound and
+        predicted throughput)."""
+        cpu = [s for s in self.running if s.location == KVLocation.CPU]
+        gpu = [s for s in self.running if s.location == KVLocation.GPU and not s.is_prefill]
+        return self.planner.admits(gpu, cpu, victims, new)
 
     def _can_swap_out(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Only decoding sequences move (prefill needs the GPU), within the per-step copy bound and CPU room."""

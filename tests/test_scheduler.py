@@ -311,8 +311,35 @@ def test_auto_admits_to_the_cpu_only_within_the_latency_bound():
 
     assert most_on_cpu(PipelinePlanner(cost, latency_bound_s=bound)) == 1
     assert most_on_cpu(PipelinePlanner(cost)) > 1
-    assert PipelinePlanner(cost, latency_bound_s=bound).admits(2, 800, _cpu_seqs([400]))
-    assert not PipelinePlanner(cost, latency_bound_s=bound).admits(2, 800, _cpu_seqs([400, 400]))
+    gpu = _cpu_seqs([400, 400])
+    planner = PipelinePlanner(cost, latency_bound_s=bound)
+    assert planner.admits(gpu, [], gpu[1:], make_seq(400))
+    assert not planner.admits(gpu, [], gpu, make_seq(400))
+
+
+class SlowSidecarCost(FakeCost):
+    """A CPU decode costs a fixed 5 ms per step (hand-off overheads), far more than a GPU decode."""
+
+    def cpu_time(self, batch: int, context_tokens: int) -> float:
+        return 5e-3 if batch else 0.0
+
+
+def test_auto_without_a_bound_admits_to_the_cpu_only_while_throughput_rises():
+    """Where a CPU decode costs a step more than its token is worth, auto lets new requests wait for GPU room
+    (gpu-only's behaviour) instead of slowing every step; where it is cheap, it admits them."""
+    gpu = _cpu_seqs([400, 400])
+    assert not PipelinePlanner(SlowSidecarCost()).admits(gpu, [], gpu[1:], make_seq(400))
+    assert PipelinePlanner(FakeCost()).admits(gpu, [], gpu[1:], make_seq(400))
+    sched = neo_scheduler("auto", gpu_blocks=2 * 100 + 16, planner=PipelinePlanner(SlowSidecarCost()))
+    for i in range(6):
+        sched.add(make_seq(400, max_tokens=30, name=f"s{i}"))
+    admitted_to_cpu = 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        admitted_to_cpu += sum(1 for s, _ in out.swap_out if out.prefills)
+        fake_neo_step(sched, out)
+    assert admitted_to_cpu == 0
+    assert sched.block_manager.num_used_blocks == 0 and sched.cpu_budget.num_used_blocks == 0
 
 
 def test_planner_learns_step_overhead_and_bounds_the_whole_step():
@@ -321,12 +348,14 @@ def test_planner_learns_step_overhead_and_bounds_the_whole_step():
     cost = FakeCost()
     bound = cost.gpu_time(3, 0) + cost.cpu_time(1, 500)
     planner = PipelinePlanner(cost, latency_bound_s=bound)
-    assert planner.admits(2, 800, _cpu_seqs([400]))
+    gpu = _cpu_seqs([400, 400])
+    short = _cpu_seqs([200])
+    assert planner.admits(gpu, [], gpu[1:], make_seq(400))
     for _ in range(100):  # every step measured 0.2 ms slower than predicted
         planner.observe(1.0e-3, 1.2e-3)
     assert planner.step_overhead_s == pytest.approx(0.2e-3, rel=1e-3)
-    assert not planner.admits(2, 800, _cpu_seqs([400]))  # 1.43 ms + 0.2 ms > 1.53 ms
-    assert planner.admits(2, 800, _cpu_seqs([200]))
+    assert not planner.admits(gpu, [], gpu[1:], make_seq(400))  # 1.43 ms + 0.2 ms > 1.53 ms
+    assert planner.admits(gpu[:1] + short, [], short, make_seq(400))
     plan = planner.plan(gpu_tokens=2, gpu_context_tokens=0, cpu_seqs=_cpu_seqs([400]))
     assert len(plan.deferred) == 1
 
