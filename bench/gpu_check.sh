@@ -29,12 +29,13 @@
 # serve.json, serve.png, cuda_vs_cpu.json, pipeline_trace.json, pipeline_trace.png, details.tar.gz (per-stage logs,
 # server logs). The short table is last.
 #
-# On the device tool, where one call carries at most 64 MiB and the model needs two, split the stages over the two
-# calls (the machine keeps what the first was sent):
-#   run("SKIP_STAGES='pytest-cuda cuda-vs-cpu cpu-attn ring' GPU_CHECK_BUDGET_S=420 bash bench/gpu_check.sh",
-#       carry=[".gpu/whl", ".gpu/model_a"], timeout_s=470)
-#   run("SKIP_STAGES='trace serve' GPU_CHECK_BUDGET_S=240 bash bench/gpu_check.sh",
-#       carry=[".gpu/whl", ".gpu/model_b"], timeout_s=290)
+# On the device tool (one call carries at most 64 MiB; prepare with bench/gpu_prepare.sh), in this order, each call
+# right after the previous one returns (the machine keeps what it was sent while it stays warm, 30 s):
+#   run("SKIP_STAGES='pytest-cuda cuda-vs-cpu' GPU_CHECK_BUDGET_S=470 bash bench/gpu_check.sh",
+#       carry=[".gpu/whl"], timeout_s=520)                       # kernel, ring, trace, serving: no model file needed
+#   run("true", carry=[".gpu/whl", ".gpu/model_a"])             # first half of the embedded GGUF
+#   run("SKIP_STAGES='cpu-attn ring trace serve' GPU_CHECK_BUDGET_S=200 bash bench/gpu_check.sh",
+#       carry=[".gpu/whl", ".gpu/model_b"], timeout_s=240)       # CUDA correctness against transformers / the CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -5,10 +5,8 @@
 #
 #   bash bench/gpu_prepare.sh        # writes .gpu/whl/ and .gpu/model_a/, .gpu/model_b/ (ignored by git)
 #
-# Then, with the device tool (two calls, the machine stays warm in between and keeps ignored folders it was sent):
-#   run(command="true", carry=[".gpu/whl", ".gpu/model_a"])
-#   run(command="bash bench/gpu_check.sh", carry=[".gpu/model_b"], timeout_s=540)
-# gpu_check.sh installs .gpu/whl into a temporary folder and joins the model halves there (nothing system-wide).
+# Then run the device calls listed in bench/gpu_check.sh's header. gpu_check.sh installs .gpu/whl into a temporary
+# folder and joins the model halves there (nothing system-wide); only its CUDA correctness stages need the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate

@@ -61,6 +61,14 @@ class PerfModel:
             return 0.0
         return self.cpu_attn_base + batch * self.cpu_attn_per_seq + context_tokens * self.cpu_attn_per_token
 
+    def describe(self) -> str:
+        """One line of what the scheduler plans with (logged at start-up; BENCHMARKS.md readings quote it)."""
+        linear = ", ".join(f"{t} tok {1e3 * sec:.2f} ms" for t, sec in self.linear)
+        return (f"performance model: device forward {linear}; device attention {1e9 * self.gpu_attn_per_token:.1f} "
+                f"ns/context token; CPU sub-batch {1e3 * self.cpu_attn_base:.2f} ms + "
+                f"{1e3 * self.cpu_attn_per_seq:.3f} ms/sequence + {1e9 * self.cpu_attn_per_token:.1f} ns/context "
+                f"token (all layers)")
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -175,7 +183,7 @@ def load_or_profile(runner, sidecar) -> PerfModel:
     path = cache_dir() / f"{profile_key(runner, sidecar)}.json"
     cached = PerfModel.load(path)
     if cached is not None:
-        log.info("performance model from %s", path)
+        log.info("performance model from %s: %s", path, cached.describe())
         return cached
     t0 = time.perf_counter()
     model = profile(runner, sidecar)
@@ -184,4 +192,5 @@ def load_or_profile(runner, sidecar) -> PerfModel:
     except OSError as e:  # a read-only home is no reason to fail start-up
         log.warning("could not cache the performance model at %s: %s", path, e)
     log.info("profiled the performance model in %.1f s", time.perf_counter() - t0)
+    log.info("%s", model.describe())
     return model
