@@ -14,6 +14,8 @@
 #   cuda-vs-cpu  bench/cuda_vs_cpu.py: greedy tokens + teacher-forced logits, cuda bf16/fp32 vs cpu fp32 (SmolLM2)
 #   cpu-attn     bench/bench_cpu_attn.py --quick   (if present)
 #   ring         bench/bench_ring.py --quick       (if present)
+#   handoff      bench/bench_handoff.py --quick: one sidecar call split into kernel / handler / transport time, with
+#                the rings' spin at 50 and 3000 us
 #   trace        bench/trace_pipeline.py on random:llama-3-8b, bf16: one pipelined step's device and sidecar busy
 #                intervals (pipeline_trace.json for ui.perfetto.dev, pipeline_trace.png)
 #   serve        bench/serve.py: gpu-only, auto and auto@baseline (auto bounded by gpu-only's p50 per-token
@@ -34,7 +36,7 @@
 #   run("SKIP_STAGES='pytest-cuda cuda-vs-cpu' GPU_CHECK_BUDGET_S=470 bash bench/gpu_check.sh",
 #       carry=[".gpu/whl"], timeout_s=520)                       # kernel, ring, trace, serving: no model file needed
 #   run("true", carry=[".gpu/whl", ".gpu/model_a"])             # first half of the embedded GGUF
-#   run("SKIP_STAGES='cpu-attn ring trace serve' GPU_CHECK_BUDGET_S=200 bash bench/gpu_check.sh",
+#   run("SKIP_STAGES='cpu-attn ring handoff trace serve' GPU_CHECK_BUDGET_S=200 bash bench/gpu_check.sh",
 #       carry=[".gpu/whl", ".gpu/model_b"], timeout_s=240)       # CUDA correctness against transformers / the CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -190,11 +192,16 @@ else
   record ring SKIP 0 "bench/bench_ring.py not in the tree"
 fi
 
-# --- one pipelined step, traced ---------------------------------------------------------------------------------------
 # NOTE: the sidecar gets the cores the serve stage's launcher would give it (all but the worker's and the gateway's).
 TRACE_THREADS=$(( $(nproc) > 4 ? $(nproc) - 3 : 1 ))
+
+# --- where a sidecar call's time goes (kernel, handler, transport), ring spin 50 vs 3000 us ------------------------
+run_stage handoff 60 "$PY" bench/bench_handoff.py --threads "$TRACE_THREADS" --quick --spin-us 50,3000
+set_note "$(grep -E '^ +3000 +6 x' "$WORK/handoff.log" | tr -s ' ' | cut -c1-110)"
+
+# --- one pipelined step, traced ---------------------------------------------------------------------------------------
 run_stage trace 75 "$PY" bench/trace_pipeline.py --model "$SERVE_MODEL" --device "$CHECK_DEVICE" --dtype bfloat16 \
-  --cpu-attn-threads "$TRACE_THREADS" --cpu-kv-dtype "$CPU_KV_DTYPE" --out "$OUT_DIR"
+  --cpu-attn-threads "$TRACE_THREADS" --cpu-kv-dtype "$CPU_KV_DTYPE" --ring-spin-us 3000 --out "$OUT_DIR"
 set_note "$(grep '^pipelined step' "$WORK/trace.log" | cut -c1-160)"
 
 # --- serving comparison -----------------------------------------------------------------------------------------------

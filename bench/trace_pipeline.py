@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
     parser.add_argument("--cpu-attn-threads", type=int, default=1, help="threads of the sidecar it spawns")
     parser.add_argument("--cpu-kv-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--ring-spin-us", type=float, default=50.0,
+                        help="ring busy-wait before sleeping (3000 where worker and sidecar have cores of their own)")
     parser.add_argument("--num-seqs", type=int, default=12)
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -43,7 +45,7 @@ def main() -> None:
 
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, mode="cpu-all",
                                     threads=args.threads, cpu_kv_gib=1.0, cpu_attn_threads=args.cpu_attn_threads,
-                                    cpu_kv_dtype=args.cpu_kv_dtype))
+                                    cpu_kv_dtype=args.cpu_kv_dtype, ring_spin_us=args.ring_spin_us))
     try:
         vocab = engine.model_config.vocab_size
         g = torch.Generator().manual_seed(0)

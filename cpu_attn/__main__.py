@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-slots", type=int, default=256)
     p.add_argument("--shm-prefix", default="neoserve")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    p.add_argument("--spin-us", type=float, default=50.0,
+                   help="busy-wait this long for the next request before sleeping (default 50; long spins only on "
+                        "cores of its own)")
     p.add_argument("--kv-cache-class", default=None, help=argparse.SUPPRESS)
     # the spawner's private socket directory: removed (if empty) at exit, so a SIGKILLed spawner leaves nothing
     p.add_argument("--owned-dir", default=None, help=argparse.SUPPRESS)
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                slot_size=args.slot_size, request_slots=args.request_slots,
                                response_slots=args.response_slots, shm_prefix=args.shm_prefix,
                                kv_cache_class=args.kv_cache_class or DEFAULT_KV_CACHE_CLASS,
-                               parent_pid=args.parent_pid, shape=shape)
+                               parent_pid=args.parent_pid, shape=shape, spin_us=args.spin_us)
         server = SidecarServer(config)
         address = server.start()
     except (NeoServeError, ValueError, OSError) as exc:

@@ -512,7 +512,7 @@ class SidecarServer:
         self.state = SidecarState(config)
         if config.shape is not None:
             self.state.configure(config.shape)
-        self.data_plane = DataPlane(self.state, config)
+        self.data_plane = DataPlane(self.state, config, WaitPolicy(spin_us=config.spin_us))
         # NOTE: control calls are rare; two threads keep Health answerable during a slow Configure.
         self.grpc_server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu_attn-grpc"),
                                        options=[("grpc.so_reuseport", 0)])

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neoserve.config_fields import CliConfig, flag
+from neoserve.shm_ring import WaitPolicy
 
 log = logging.getLogger("neoserve.serve")
 
@@ -79,6 +80,14 @@ class CpuPlan:
     gateway: list[int]
     worker_threads: int
     sidecar_threads: int
+    # Worker and sidecar have cores of their own: their ring ends may busy-wait between a step's layers.
+    dedicated: bool = False
+
+
+# NOTE: measured on the dev VM (bench_handoff.py's set-up, calls 0.5-2 ms apart): a sidecar round trip took
+# 480-520 us with the default 50 us spin, as both ends slept between calls and paid a VM wake-up each, and
+# 220-250 us spinning 3 ms. On shared cores the spinning would slow the peer instead.
+DEDICATED_SPIN_US = 3000.0
 
 
 def plan_cpus(cpus: list[int], *, sidecar_busy: bool, worker_on_gpu: bool) -> CpuPlan:
@@ -94,7 +103,7 @@ def plan_cpus(cpus: list[int], *, sidecar_busy: bool, worker_on_gpu: bool) -> Cp
     if n == 1:
         return CpuPlan(cpus, cpus, cpus, 1, 1)
     if sidecar_busy and worker_on_gpu and n >= 3:
-        return CpuPlan(cpus[:1], cpus[2:], cpus[1:2], 1, n - 2)
+        return CpuPlan(cpus[:1], cpus[2:], cpus[1:2], 1, n - 2, dedicated=True)
     if sidecar_busy:
         n_sidecar = n - 1 if worker_on_gpu else max(1, n // 2)
         sidecar = cpus[n - n_sidecar:]
@@ -213,6 +222,7 @@ class Launcher:
         plan = plan_cpus(cpus, sidecar_busy=have_sidecar and engine_mode != "gpu-only", worker_on_gpu=on_gpu)
         worker_threads = serve.worker_threads or plan.worker_threads
         sidecar_threads = serve.sidecar_threads or plan.sidecar_threads
+        spin_us = DEDICATED_SPIN_US if plan.dedicated else WaitPolicy.spin_us
         child_env = {"NEOSERVE_LOG_LEVEL": "WARNING"} if quiet else {}
         py = sys.executable
         sidecar_address = None
@@ -221,11 +231,13 @@ class Launcher:
             self.children.append(Child(ChildSpec(
                 "sidecar", [py, "-m", "cpu_attn", "--control-address", sidecar_address, "--threads",
                             str(sidecar_threads), "--cpus", ",".join(map(str, plan.sidecar)),
-                            "--kv-cache-gib", str(engine_cpu_kv_gib), "--parent-pid", str(os.getpid())],
+                            "--kv-cache-gib", str(engine_cpu_kv_gib), "--parent-pid", str(os.getpid()),
+                            "--spin-us", str(spin_us)],
                 plan.sidecar, sidecar_threads, child_env)))
         worker_address = f"unix:{self.run_dir / 'worker.sock'}"
-        worker_argv = [py, "-m", "gpu_worker", "--listen", worker_address, *engine_argv,
-                       "--threads", str(worker_threads)]
+        # NOTE: before the user's engine flags, so an explicit --ring-spin-us wins.
+        worker_argv = [py, "-m", "gpu_worker", "--listen", worker_address, "--ring-spin-us", str(spin_us),
+                       *engine_argv, "--threads", str(worker_threads)]
         if sidecar_address:
             worker_argv += ["--sidecar", sidecar_address]
         self.children.append(Child(ChildSpec("worker", worker_argv, plan.worker, worker_threads, child_env)))

@@ -31,6 +31,8 @@ class EngineConfig(CliConfig):
                              choices=("float32", "bfloat16", "float16"))
     sidecar: str | None = flag(None, "control address of a running cpu_attn sidecar (default: spawn one if needed)")
     cpu_attn_threads: int = flag(1, "threads of a sidecar the worker spawns (it pins itself to as many cores)")
+    ring_spin_us: float = flag(50.0, "busy-wait this long for a sidecar reply (and, in a sidecar the worker spawns, "
+                                     "for the next request) before sleeping; long spins only on cores of their own")
     latency_bound_ms: float | None = flag(None, "per-token latency bound the auto scheduler plans under "
                                                 "(CPU decodes past it wait, at most --max-cpu-wait-steps)")
     max_cpu_wait_steps: int = flag(4, "most consecutive steps a CPU decode may be held back for balance")
@@ -55,6 +57,8 @@ class EngineConfig(CliConfig):
             raise ValueError(f"gpu_kv_tokens must be >= block_size ({self.block_size}), got {self.gpu_kv_tokens}")
         if self.cpu_kv_gib <= 0:
             raise ValueError(f"cpu_kv_gib must be > 0, got {self.cpu_kv_gib}")
+        if not 0 <= self.ring_spin_us <= 1e6:
+            raise ValueError(f"ring_spin_us must be in [0, 1e6], got {self.ring_spin_us}")
         if self.cpu_attn_threads < 1:
             raise ValueError(f"cpu_attn_threads must be >= 1, got {self.cpu_attn_threads}")
         if self.latency_bound_ms is not None and self.latency_bound_ms <= 0:

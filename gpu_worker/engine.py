@@ -69,18 +69,33 @@ class LLMEngine:
         self.num_decodes = 0
 
     # --- the CPU side (NEO) ---------------------------------------------------------------------------------------
-    def _attach_sidecar(self):
+    def sidecar_shape(self):
+        """What a sidecar serving this model is configured with (AttnShape)."""
         from cpu_attn.config import AttnShape
-        from gpu_worker.sidecar_client import SidecarClient
 
         mc = self.model_config
-        shape = AttnShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, dtype=self.config.cpu_kv_dtype,
-                          scale=self.runner.model.scale)
+        return AttnShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, dtype=self.config.cpu_kv_dtype,
+                         scale=self.runner.model.scale)
+
+    def connect_sidecar(self, address: str):
+        """A client of the sidecar at `address`, configured for this model (not yet attached)."""
+        from gpu_worker.sidecar_client import SidecarClient
+        from neoserve.shm_ring import WaitPolicy
+
+        return SidecarClient.connect(address, shape=self.sidecar_shape(), free_all_sequences=True,
+                                     policy=WaitPolicy(spin_us=self.config.ring_spin_us))
+
+    def _attach_sidecar(self):
+        from gpu_worker.sidecar_client import SidecarClient
+        from neoserve.shm_ring import WaitPolicy
+
         if self.config.sidecar:
-            sidecar = SidecarClient.connect(self.config.sidecar, shape=shape, free_all_sequences=True)
+            sidecar = self.connect_sidecar(self.config.sidecar)
         else:
+            spin = self.config.ring_spin_us
             sidecar = SidecarClient.spawn(threads=self.config.cpu_attn_threads, kv_cache_gib=self.config.cpu_kv_gib,
-                                          shape=shape)
+                                          shape=self.sidecar_shape(), policy=WaitPolicy(spin_us=spin),
+                                          extra_args=["--spin-us", str(spin)])
         self.attach_sidecar(sidecar)
         return sidecar
 

@@ -288,12 +288,7 @@ class SidecarWatcher:
         return (h.pid, h.pid_start_time), usable, False
 
     def _connect(self):
-        from cpu_attn.config import AttnShape
-        from gpu_worker.sidecar_client import SidecarClient
-
-        mc, eng = self.engine.model_config, self.engine
-        shape = AttnShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, scale=eng.runner.model.scale)
-        return SidecarClient.connect(self.address, shape=shape, free_all_sequences=True)
+        return self.engine.connect_sidecar(self.address)
 
     async def run(self) -> None:
         from neoserve.internal.v1 import sidecar_pb2_grpc

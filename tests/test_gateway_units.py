@@ -267,3 +267,33 @@ def test_a_tokenizer_that_cannot_load_stops_the_monitor_at_once():
     asyncio.run(asyncio.wait_for(monitor.run(), 30))
     assert isinstance(monitor.fatal_error, ModelLoadError) and "vocab_size >= 256" in str(monitor.fatal_error)
     assert monitor.serving is False
+
+
+def test_launcher_lets_ring_ends_spin_only_on_cores_of_their_own(monkeypatch):
+    """Beside a GPU worker with cores to spare, worker and sidecar busy-wait between layers (a sleeping end pays a
+    wake-up per call); on shared cores they keep the short default spin."""
+    import shutil
+
+    from gateway import launcher as launcher_mod
+    from gateway.launcher import DEDICATED_SPIN_US, Launcher, ServeConfig
+
+    def spins(plan_dedicated: bool, engine_argv: list[str]) -> tuple[float, float]:
+        real = launcher_mod.plan_cpus
+
+        def fake_plan(cpus, *, sidecar_busy, worker_on_gpu):
+            plan = real([0, 1], sidecar_busy=sidecar_busy, worker_on_gpu=worker_on_gpu)
+            plan.dedicated = plan_dedicated
+            return plan
+
+        monkeypatch.setattr(launcher_mod, "plan_cpus", fake_plan)
+        launcher = Launcher(ServeConfig(), engine_argv, engine_model=None, engine_mode="auto", engine_device="cpu")
+        try:
+            sidecar, worker = launcher.child("sidecar").spec.argv, launcher.child("worker").spec.argv
+            worker_spin = [float(worker[i + 1]) for i, a in enumerate(worker) if a == "--ring-spin-us"][-1]
+            return float(sidecar[sidecar.index("--spin-us") + 1]), worker_spin
+        finally:
+            shutil.rmtree(launcher.run_dir, ignore_errors=True)
+
+    assert spins(True, []) == (DEDICATED_SPIN_US, DEDICATED_SPIN_US)
+    assert spins(False, []) == (50.0, 50.0)
+    assert spins(True, ["--ring-spin-us", "7"])[1] == 7.0  # the user's flag wins (argparse keeps the last)

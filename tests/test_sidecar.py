@@ -83,6 +83,10 @@ def test_control_address_must_be_local_unless_allowed():
     SidecarConfig(control_address="0.0.0.0:5000", allow_remote_control=True)
     with pytest.raises(ValidationError, match="num_heads"):
         AttnShape(2, 6, 4, 64)
+    assert SidecarConfig(spin_us=3000).spin_us == 3000
+    for bad in (-1.0, float("nan"), 2e6):
+        with pytest.raises(ValidationError, match="spin_us"):
+            SidecarConfig(spin_us=bad)
 
 
 # ---------------------------------------------------------------------------------------------- process
