@@ -194,7 +194,8 @@ class LLMEngine:
             if sched.estimated_time is not None and not sched.prefills:
                 # NOTE: decode steps only: their time is what a latency bound limits, and prefill chunks would skew
                 # the learnt overhead with the cost model's extrapolation error for large token counts.
-                self.scheduler.planner.observe(sched.estimated_time, time.perf_counter() - t0)
+                self.scheduler.planner.observe(sched.estimated_time, time.perf_counter() - t0,
+                                               with_cpu=bool(sched.cpu_decodes_a or sched.cpu_decodes_b))
             outputs += self._postprocess(sched, sampled)
             num_cpu = len(sched.cpu_decodes_a) + len(sched.cpu_decodes_b)
             self.num_cpu_decodes += num_cpu

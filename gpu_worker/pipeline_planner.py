@@ -45,7 +45,7 @@ def _context(seqs: list[Sequence]) -> int:
 
 
 class PipelinePlanner:
-    OVERHEAD_EWMA = 0.1  # weight of the newest step in step_overhead_s
+    OVERHEAD_EWMA = 0.1  # weight of the newest step in the learnt overheads
 
     def __init__(self, cost: CostModel | None = None, latency_bound_s: float | None = None, max_wait_steps: int = 4):
         if max_wait_steps < 0:
@@ -53,16 +53,25 @@ class PipelinePlanner:
         self.cost = cost
         self.latency_bound_s = latency_bound_s
         self.max_wait_steps = max_wait_steps
-        # What a decode step costs beyond the cost model's layers (scheduling, sampling, logits, launches), learnt
-        # from measured steps; a latency bound is about the whole step, so it is checked with this added.
-        self.step_overhead_s = 0.0
+        # What a decode step costs beyond the cost model's prediction (scheduling, sampling, logits, launches;
+        # with CPU decodes also the hand-offs and whatever the sidecar takes from the device's host), learnt from
+        # measured steps, apart for steps without [False] and with [True] CPU decodes. Latency bounds and
+        # admissions are about whole steps, so they count it.
+        # NOTE: apart, because the two differ most where it matters: where the sidecar competes with the model for
+        # the same cores, or its hand-offs cost more than the profile saw, a step with CPU decodes is much slower
+        # than predicted, and admission must see that to stop moving sequences to the CPU.
+        self.step_overhead_s = {False: 0.0, True: 0.0}
 
-    def observe(self, predicted_s: float, measured_s: float) -> None:
+    def observe(self, predicted_s: float, measured_s: float, with_cpu: bool) -> None:
         """A decode step the cost model predicted at predicted_s took measured_s."""
-        self.step_overhead_s += self.OVERHEAD_EWMA * (measured_s - predicted_s - self.step_overhead_s)
+        o = self.step_overhead_s
+        o[with_cpu] += self.OVERHEAD_EWMA * (measured_s - predicted_s - o[with_cpu])
 
-    def _within_bound(self, t: float) -> bool:
-        return self.latency_bound_s is None or t + max(self.step_overhead_s, 0.0) <= self.latency_bound_s
+    def _overhead(self, with_cpu: bool) -> float:
+        return max(self.step_overhead_s[with_cpu], 0.0)
+
+    def _within_bound(self, t: float) -> bool:  # a planned step always has CPU decodes
+        return self.latency_bound_s is None or t + self._overhead(True) <= self.latency_bound_s
 
     def iteration_time(self, gpu_tokens: int, gpu_context: int, a: list[Sequence], b: list[Sequence]) -> float:
         c = self.cost
@@ -79,7 +88,7 @@ class PipelinePlanner:
             t = PipelinePlanner(self.cost).plan(len(gpu_seqs), gpu_ctx, cpu_seqs).estimated_time
         else:
             t = self.cost.gpu_time(len(gpu_seqs), gpu_ctx)
-        return t + max(self.step_overhead_s, 0.0)
+        return t + self._overhead(bool(cpu_seqs))
 
     def admits(self, gpu_seqs: list[Sequence], cpu_seqs: list[Sequence], moved: list[Sequence],
                new: Sequence) -> bool:

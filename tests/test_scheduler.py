@@ -351,9 +351,11 @@ def test_planner_learns_step_overhead_and_bounds_the_whole_step():
     gpu = _cpu_seqs([400, 400])
     short = _cpu_seqs([200])
     assert planner.admits(gpu, [], gpu[1:], make_seq(400))
-    for _ in range(100):  # every step measured 0.2 ms slower than predicted
-        planner.observe(1.0e-3, 1.2e-3)
-    assert planner.step_overhead_s == pytest.approx(0.2e-3, rel=1e-3)
+    for _ in range(100):  # every step with CPU decodes measured 0.2 ms slower than predicted
+        planner.observe(1.0e-3, 1.2e-3, with_cpu=True)
+        planner.observe(1.0e-3, 1.0e-3, with_cpu=False)
+    assert planner.step_overhead_s[True] == pytest.approx(0.2e-3, rel=1e-3)
+    assert planner.step_overhead_s[False] == pytest.approx(0.0, abs=1e-12)
     assert not planner.admits(gpu, [], gpu[1:], make_seq(400))  # 1.43 ms + 0.2 ms > 1.53 ms
     assert planner.admits(gpu[:1] + short, [], short, make_seq(400))
     plan = planner.plan(gpu_tokens=2, gpu_context_tokens=0, cpu_seqs=_cpu_seqs([400]))
@@ -370,3 +372,15 @@ def test_scheduler_reports_the_predicted_step_time():
     out = sched.schedule()
     assert out.estimated_time == pytest.approx(cost.gpu_time(1, 11))
     assert neo_scheduler("auto", gpu_blocks=64).schedule().estimated_time is None
+
+
+def test_admission_stops_when_steps_with_cpu_decodes_run_slower_than_predicted():
+    """The profile can miss what CPU decodes cost in practice (a sidecar sharing the model's cores, hand-offs):
+    measured steps with CPU decodes correct the prediction, and admission to the CPU stops when it no longer pays."""
+    planner = PipelinePlanner(FakeCost())
+    gpu = _cpu_seqs([400, 400])
+    assert planner.admits(gpu, [], gpu[1:], make_seq(400))
+    for _ in range(50):
+        planner.observe(1.0e-3, 1.0e-3, with_cpu=False)
+        planner.observe(1.4e-3, 6.4e-3, with_cpu=True)  # 5 ms more than predicted, every time
+    assert not planner.admits(gpu, [], gpu[1:], make_seq(400))
