@@ -28,8 +28,10 @@ Tags are the client's ticket numbers (>= 1); responses come back in request orde
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -82,9 +84,13 @@ def _check_dims(**dims: int) -> None:
             raise MessageFormatError(f"{name}={value} is out of range (1..{MAX_DIM})")
 
 
+_ITEMSIZE = {np.int64: 8, np.float32: 4}
+
+
 def _view(buf: np.ndarray, offset: int, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
-    count = int(np.prod(shape))
-    nbytes = count * np.dtype(dtype).itemsize
+    # NOTE: math.prod and a size table, not np.prod / np.dtype: this runs several times per layer call on both
+    # ends, and numpy's reductions on a tuple cost microseconds each.
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
     return buf[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
@@ -111,27 +117,27 @@ class AttnLayout:
         _check_dims(batch=self.batch, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                     head_dim=self.head_dim)
 
-    @property
+    @cached_property  # NOTE: computed once per layout, read on every call
     def seq_ids_offset(self) -> int:
         return HEADER_BYTES
 
-    @property
+    @cached_property
     def context_lens_offset(self) -> int:
         return _align(self.seq_ids_offset + 8 * self.batch)
 
-    @property
+    @cached_property
     def q_offset(self) -> int:
         return _align(self.context_lens_offset + 8 * self.batch)
 
-    @property
+    @cached_property
     def k_offset(self) -> int:
         return _align(self.q_offset + 4 * self.batch * self.num_heads * self.head_dim)
 
-    @property
+    @cached_property
     def v_offset(self) -> int:
         return _align(self.k_offset + 4 * self.batch * self.num_kv_heads * self.head_dim)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         if not self.has_kv:
             return self.k_offset
@@ -151,6 +157,10 @@ class AttnLayout:
         return seq_ids, context_lens, q, k, v
 
 
+# NOTE: both ends build a layout per layer call from a handful of batch shapes: reuse them (frozen, hashable).
+attn_layout = lru_cache(maxsize=1024)(AttnLayout)
+
+
 def write_attn_header(buf: np.ndarray, tag: int, layer: int, layout: AttnLayout) -> None:
     _ATTN.pack_into(buf, 0, tag, layer, layout.batch, layout.num_heads, layout.num_kv_heads, layout.head_dim,
                     FLAG_HAS_KV if layout.has_kv else 0)
@@ -161,7 +171,7 @@ def read_attn_header(buf: np.ndarray) -> tuple[int, int, AttnLayout]:
     if buf.shape[0] < HEADER_BYTES:
         raise MessageFormatError(f"ATTN payload of {buf.shape[0]} bytes is shorter than its header")
     tag, layer, batch, hq, hkv, d, flags = _ATTN.unpack_from(buf, 0)
-    layout = AttnLayout(batch, hq, hkv, d, bool(flags & FLAG_HAS_KV))
+    layout = attn_layout(batch, hq, hkv, d, bool(flags & FLAG_HAS_KV))
     if layout.nbytes != buf.shape[0]:
         raise MessageFormatError(f"ATTN payload is {buf.shape[0]} bytes, its header describes {layout.nbytes}")
     return tag, layer, layout
@@ -178,12 +188,15 @@ class AttnOutLayout:
     def __post_init__(self) -> None:
         _check_dims(batch=self.batch, num_heads=self.num_heads, head_dim=self.head_dim)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return HEADER_BYTES + 4 * self.batch * self.num_heads * self.head_dim
 
     def out_view(self, buf: np.ndarray) -> np.ndarray:
         return _view(buf, HEADER_BYTES, np.float32, (self.batch, self.num_heads, self.head_dim))  # [B, Hq, D]
+
+
+attn_out_layout = lru_cache(maxsize=1024)(AttnOutLayout)
 
 
 def write_attn_out_header(buf: np.ndarray, tag: int, layer: int, layout: AttnOutLayout, start_ns: int = 0,
@@ -195,7 +208,7 @@ def read_attn_out_header(buf: np.ndarray) -> tuple[int, int, AttnOutLayout]:
     if buf.shape[0] < HEADER_BYTES:
         raise MessageFormatError(f"ATTN_OUT payload of {buf.shape[0]} bytes is shorter than its header")
     tag, layer, batch, hq, d, _, _ = _ATTN_OUT.unpack_from(buf, 0)
-    layout = AttnOutLayout(batch, hq, d)
+    layout = attn_out_layout(batch, hq, d)
     if layout.nbytes != buf.shape[0]:
         raise MessageFormatError(f"ATTN_OUT payload is {buf.shape[0]} bytes, its header describes {layout.nbytes}")
     return tag, layer, layout

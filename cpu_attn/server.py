@@ -303,7 +303,7 @@ class DataPlane:
 
     def _attention(self, rings: _Rings, msg: Message) -> None:
         tag, layer, layout = m.read_attn_header(msg.data)
-        out_layout = m.AttnOutLayout(layout.batch, layout.num_heads, layout.head_dim)
+        out_layout = m.attn_out_layout(layout.batch, layout.num_heads, layout.head_dim)
         buf = rings.producer.reserve(out_layout.nbytes, RESPONSE_TIMEOUT_S)
         start_ns = time.monotonic_ns()
         with self.state.lock:

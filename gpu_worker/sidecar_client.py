@@ -313,7 +313,7 @@ class SidecarClient:
             want = (batch, shape.num_kv_heads, shape.head_dim)
             if tuple(k.shape) != want or tuple(v.shape) != want:
                 raise ValidationError("k", f"k and v must be {list(want)}, got {list(k.shape)} and {list(v.shape)}")
-        layout = m.AttnLayout(batch, shape.num_heads, shape.num_kv_heads, shape.head_dim, k is not None)
+        layout = m.attn_layout(batch, shape.num_heads, shape.num_kv_heads, shape.head_dim, k is not None)
         tag = self._take_tag()
         buf = self._reserve(layout.nbytes)
         try:
@@ -330,7 +330,7 @@ class SidecarClient:
         except BaseException:
             self._producer.cancel()
             raise
-        out_layout = m.AttnOutLayout(batch, shape.num_heads, shape.head_dim)
+        out_layout = m.attn_out_layout(batch, shape.num_heads, shape.head_dim)
         self._publish(tag, m.MsgType.ATTN, _Pending(m.MsgType.ATTN_OUT, self._attn_decoder(tag, layer, out_layout)))
         return tag
 
