@@ -1,0 +1,52 @@
+"""The benchmarks bench/gpu_check.sh runs on a GPU host, run small here: a broken script would cost that host's few
+minutes, which no session can get back."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], timeout: float = 240) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True, timeout=30)
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_prepare.sh")], check=True, timeout=30)
+
+
+@pytest.mark.slow
+def test_bench_handoff_splits_calls_for_every_spin_and_batch():
+    out = _run(["bench/bench_handoff.py", "--shape", "smollm2", "--threads", "1", "--iters", "5", "--gap-us", "0",
+                "--spin-us", "50,3000"])
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+ x", line)]
+    assert [(r[0], r[1], r[3]) for r in rows] == [(s, b, n) for s in ("50", "3000")
+                                                  for b, n in (("1", "16"), ("6", "200"), ("16", "1000"))]
+    for r in rows:
+        kernel, handler, round_trip = (float(x) for x in r[4:7])
+        assert 0 < kernel and 0 < handler < round_trip  # the sidecar's own span lies inside the client's
+    assert all(r[-1] == "1.00x" for r in rows[:3])
+
+
+@pytest.mark.slow
+def test_trace_pipeline_records_a_pipelined_step(tmp_path):
+    out = _run(["bench/trace_pipeline.py", "--model", "random:smollm2-135m", "--num-seqs", "4", "--prompt-len", "32",
+                "--out", str(tmp_path)])
+    m = re.search(r"pipelined step: ([\d.]+) ms; device busy ([\d.]+) ms, sidecar busy ([\d.]+) ms, both busy at "
+                  r"once ([\d.]+) ms", out)
+    assert m, out
+    step, device, sidecar, both = (float(x) for x in m.groups())
+    assert 0 < sidecar and 0 < device <= step and both <= min(device, sidecar)
+    events = json.loads((tmp_path / "pipeline_trace.json").read_text())["traceEvents"]
+    names = {e["name"] for e in events if e["ph"] == "X"}
+    assert any(n.startswith("attn A") for n in names) and any(n.startswith("attn B") for n in names)
