@@ -237,7 +237,8 @@ class ModelRunner:
             self.sidecar.wait(ticket, out=host.view(nc, self.model_config.num_heads, -1))
             out[:nc] = host.to(out.device, non_blocking=True)
         else:
-            out[:nc] = self.sidecar.wait(ticket).view(nc, -1)
+            # NOTE: straight from the response slot into the output rows: one copy, no temporary.
+            self.sidecar.wait(ticket, out=out[:nc].view(nc, self.model_config.num_heads, -1))
         return out
 
     def _span(self, name: str):
