@@ -327,3 +327,27 @@ def test_state_file_appears_only_once_serving(tmp_path):
             child.wait(10)
         shutil.rmtree(launcher.run_dir, ignore_errors=True)
     assert not Path(launcher.run_dir).exists()
+
+
+@pytest.mark.slow
+def test_a_model_without_a_tokenizer_fails_start_up_fast_naming_the_cause(tmp_path):
+    """A checkpoint folder with weights but no tokenizer: the worker loads it, the gateway cannot; the server
+    must fail its start-up within seconds with the cause in its output, not wait out its start-up timeout."""
+    import subprocess
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256)).save_pretrained(tmp_path / "ckpt")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "neoserve.cli", "serve", "--model", str(tmp_path / "ckpt"),
+                           "--once", "hi", "--max-tokens", "2", "--max-restarts", "1", "--port", "0",
+                           "--metrics-port", "-1", "--ready-timeout-s", "300"],
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "no tokenizer.json" in proc.stdout + proc.stderr
+    assert elapsed < 60, f"start-up failed only after {elapsed:.0f} s"
