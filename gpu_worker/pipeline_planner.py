@@ -85,7 +85,7 @@ class PipelinePlanner:
         """Predicted seconds of a decode-only step (learnt overhead included); needs a cost model."""
         gpu_ctx = _context(gpu_seqs)
         if cpu_seqs:
-            t = PipelinePlanner(self.cost).plan(len(gpu_seqs), gpu_ctx, cpu_seqs).estimated_time
+            t = self._plan(len(gpu_seqs), gpu_ctx, cpu_seqs, bounded=False).estimated_time
         else:
             t = self.cost.gpu_time(len(gpu_seqs), gpu_ctx)
         return t + self._overhead(bool(cpu_seqs))
@@ -116,6 +116,11 @@ class PipelinePlanner:
         return (n_before + 1) / after >= n_before / before
 
     def plan(self, gpu_tokens: int, gpu_context_tokens: int, cpu_seqs: list[Sequence]) -> PipelinePlan:
+        return self._plan(gpu_tokens, gpu_context_tokens, cpu_seqs, bounded=True)
+
+    def _plan(self, gpu_tokens: int, gpu_context_tokens: int, cpu_seqs: list[Sequence], *,
+              bounded: bool) -> PipelinePlan:
+        """The split; `bounded=False` runs every decode (what a step with all of them would take)."""
         if self.cost is None:
             return self._halves(cpu_seqs)
         # Long-waiting sequences first, so the bounded wait is honoured before anything is deferred again.
@@ -127,7 +132,7 @@ class PipelinePlanner:
             t_b = self.iteration_time(gpu_tokens, gpu_context_tokens, a, b + [seq])
             best = min(t_a, t_b)
             must_run = seq.cpu_wait_steps >= self.max_wait_steps
-            if not self._within_bound(best) and not must_run:
+            if bounded and not self._within_bound(best) and not must_run:
                 plan.deferred.append(seq)
                 continue
             (a if t_a <= t_b else b).append(seq)
