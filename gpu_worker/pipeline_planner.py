@@ -8,8 +8,9 @@ while the sidecar computes attention for A's CPU decodes. So one iteration takes
 
 and the planner assigns each CPU decode to the side that keeps that smallest. With a latency bound, a CPU decode
 whose inclusion would push the iteration past it is deferred, but never more than `max_wait_steps` steps in a row;
-and the scheduler asks `admits` before it moves sequences to the CPU to start a new request: only while the
-predicted decode step stays within the bound and its tokens/s does not drop (deferring cannot fix an overfull CPU
+and the scheduler asks `admits` before it moves sequences to the CPU to start a new request, and
+`swap_beats_preempt` before it moves one that outgrew the GPU's blocks: only while the predicted decode step stays
+within the bound and its tokens/s does not drop (deferring cannot fix an overfull CPU
 side: every CPU sequence must still decode once per `max_wait_steps + 1` steps). Without a cost model (not
 profiled yet) CPU decodes are split into halves of equal context and every admission is allowed.
 """
@@ -92,28 +93,47 @@ class PipelinePlanner:
 
     def admits(self, gpu_seqs: list[Sequence], cpu_seqs: list[Sequence], moved: list[Sequence],
                new: Sequence) -> bool:
-        """Whether moving `moved` (GPU decodes) to the CPU, so that `new` can start on the GPU, pays: the decode
-        step stays within the latency bound, and the predicted decode tokens/s does not drop. Otherwise `new`
-        is better off waiting for GPU room. True without a cost model.
+        """Whether moving `moved` (GPU decodes) to the CPU, so that `new` can start on the GPU, pays. Otherwise
+        `new` is better off waiting for GPU room. True without a cost model.
 
         NOTE: NEO's test: CPU attention is worth it only while it hides under device work. Where a CPU sequence
         costs a step more than its one token is worth (hand-off overheads, a slow host), this keeps auto at
         gpu-only's throughput instead of letting every step slow down for everyone.
-        NOTE: contexts as they are now; they grow by a token per step, and the per-step deferral keeps later
-        iterations near the bound.
         """
         if self.cost is None:
             return True
         stay = [s for s in gpu_seqs if s not in moved]
-        after_cpu = cpu_seqs + moved
-        after = self.decode_step_time(stay + [new], after_cpu)
-        if self.latency_bound_s is not None and after > self.latency_bound_s:
+        return self._pays((gpu_seqs, cpu_seqs), (stay + [new], cpu_seqs + moved))
+
+    def swap_beats_preempt(self, gpu_seqs: list[Sequence], cpu_seqs: list[Sequence], victim: Sequence) -> bool:
+        """Whether `victim`, a GPU decode that must give up its GPU blocks, should go on decoding from the CPU
+        rather than be preempted (recomputed later, as gpu-only does). True without a cost model.
+
+        NOTE: the same test as `admits`, with the victim in place of a new request: one more sequence decoding
+        is worth a slower step only while tokens/s does not drop and the bound holds. The recompute a preemption
+        costs later is left out, which leans towards preempting: the cost of a swap is paid every step, that of
+        a recompute once.
+        """
+        if self.cost is None:
+            return True
+        stay = [s for s in gpu_seqs if s is not victim]
+        return self._pays((stay, cpu_seqs), (stay, cpu_seqs + [victim]))
+
+    def _pays(self, before: tuple[list[Sequence], list[Sequence]],
+              after: tuple[list[Sequence], list[Sequence]]) -> bool:
+        """Whether decode placement `after` ((GPU, CPU) sequences) stays within the latency bound and decodes at
+        least the tokens/s of `before`.
+
+        NOTE: contexts as they are now; they grow by a token per step, and the per-step deferral keeps later
+        iterations near the bound.
+        """
+        t_after = self.decode_step_time(*after)
+        if self.latency_bound_s is not None and t_after > self.latency_bound_s:
             return False
-        n_before = len(gpu_seqs) + len(cpu_seqs)
+        n_before = len(before[0]) + len(before[1])
         if n_before == 0:
             return True
-        before = self.decode_step_time(gpu_seqs, cpu_seqs)
-        return (n_before + 1) / after >= n_before / before
+        return (len(after[0]) + len(after[1])) / t_after >= n_before / self.decode_step_time(*before)
 
     def plan(self, gpu_tokens: int, gpu_context_tokens: int, cpu_seqs: list[Sequence]) -> PipelinePlan:
         return self._plan(gpu_tokens, gpu_context_tokens, cpu_seqs, bounded=True)

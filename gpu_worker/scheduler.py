@@ -8,8 +8,9 @@ the GPU or, NEO-style, in the cpu_attn sidecar ("CPU"), chosen by the mode:
   freed and it is recomputed later from its prompt and the tokens it already produced (vLLM's recompute policy).
 - cpu-all: every sequence moves its KV to the CPU as soon as its prefill is done.
 - auto: sequences stay on the GPU while blocks last; when they run out, the newest GPU sequences swap out to the
-  CPU (instead of being preempted), and they swap back in, ahead of waiting requests, when GPU blocks free up. A
-  waiting request makes room by moving sequences to the CPU only when the planner predicts that it pays. The
+  CPU instead of being preempted where the planner predicts that this pays (else they are preempted, as in
+  gpu-only), and they swap back in, ahead of waiting requests, when GPU blocks free up. A waiting request makes
+  room by moving sequences to the CPU only when the planner predicts that it pays. The
   PipelinePlanner splits CPU decodes into the two sub-batches of an asymmetric pipeline using the profiled
   performance model.
 """
@@ -196,15 +197,17 @@ class Scheduler:
         return True
 
     def _make_gpu_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput, protect: Sequence) -> bool:
-        """Frees GPU blocks until `seq` can cover num_tokens: swap the newest GPU sequence out to the CPU (auto,
-        cpu-all), else preempt it. False when `seq` itself had to give way."""
+        """Frees GPU blocks until `seq` can cover num_tokens: swap the newest GPU sequence out to the CPU (cpu-all;
+        auto where the planner says that beats preempting it), else preempt it. False when `seq` itself had to
+        give way."""
         bm = self.block_manager
         while not bm.can_allocate(seq, num_tokens):
             victim = next(s for s in reversed(self.running) if s.location == KVLocation.GPU)
-            if victim is not seq and self._can_swap_out(victim, out):
+            swap = self._can_swap_out(victim, out) and self._swap_pays(victim)
+            if victim is not seq and swap:
                 self._swap_out(victim, out)
                 continue
-            if victim is seq and self._can_swap_out(seq, out):
+            if victim is seq and swap:
                 self._swap_out(seq, out)  # it decodes on the CPU from now on
                 return True
             self._preempt(victim, out)
@@ -237,6 +240,14 @@ class Scheduler:
         cpu = [s for s in self.running if s.location == KVLocation.CPU]
         gpu = [s for s in self.running if s.location == KVLocation.GPU and not s.is_prefill]
         return self.planner.admits(gpu, cpu, victims, new)
+
+    def _swap_pays(self, victim: Sequence) -> bool:
+        """auto: whether `victim` should decode from the CPU rather than be preempted (the planner's call)."""
+        if self.config.mode != "auto":
+            return True
+        cpu = [s for s in self.running if s.location == KVLocation.CPU]
+        gpu = [s for s in self.running if s.location == KVLocation.GPU and not s.is_prefill]
+        return self.planner.swap_beats_preempt(gpu, cpu, victim)
 
     def _can_swap_out(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Only decoding sequences move (prefill needs the GPU), within the per-step copy bound and CPU room."""

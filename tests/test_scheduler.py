@@ -384,3 +384,25 @@ def test_admission_stops_when_steps_with_cpu_decodes_run_slower_than_predicted()
         planner.observe(1.0e-3, 1.0e-3, with_cpu=False)
         planner.observe(1.4e-3, 6.4e-3, with_cpu=True)  # 5 ms more than predicted, every time
     assert not planner.admits(gpu, [], gpu[1:], make_seq(400))
+
+
+def test_auto_preempts_a_sequence_that_outgrows_the_gpu_where_the_cpu_does_not_pay():
+    """A GPU decode that runs out of blocks is swapped to the CPU only where the planner predicts more tokens/s
+    from it there; where a CPU decode costs a step more than its token is worth, auto preempts as gpu-only does."""
+
+    def growth(planner: PipelinePlanner) -> Scheduler:
+        # Three 40-token prompts fill 30 of 32 blocks; their decodes outgrow the rest within a few steps.
+        sched = neo_scheduler("auto", gpu_blocks=32, planner=planner)
+        for i in range(3):
+            sched.add(make_seq(40, max_tokens=24, name=f"s{i}"))
+        run_neo(sched)
+        return sched
+
+    slow = growth(PipelinePlanner(SlowSidecarCost()))
+    assert slow.num_swap_outs == 0 and slow.num_preemptions > 0
+    cheap = growth(PipelinePlanner(FakeCost()))
+    assert cheap.num_swap_outs > 0 and cheap.num_preemptions == 0
+    gpu = _cpu_seqs([400, 400])
+    assert PipelinePlanner(FakeCost()).swap_beats_preempt(gpu, [], gpu[1])
+    assert not PipelinePlanner(SlowSidecarCost()).swap_beats_preempt(gpu, [], gpu[1])
+    assert not PipelinePlanner(FakeCost(), latency_bound_s=1e-3).swap_beats_preempt(gpu, [], gpu[1])
