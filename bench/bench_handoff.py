@@ -6,7 +6,8 @@
 The H200 trace (BENCHMARKS.md) showed ~0.32 ms per sidecar call for 6 sequences x ~200 tokens, whose KV the kernel
 reads in ~0.05 ms at that host's bandwidth. This splits such a call, per batch shape, into:
 
-  kernel      CpuKVCache.append + attention in this process with the same thread count: the sidecar's work
+  kernel      CpuKVCache.decode (append the new K/V, attention) in this process with the same thread count: the
+              sidecar's work
   handler     the sidecar's own start/end stamps around its request handler (validation, append, kernel, reply)
   round trip  the worker client's submit_attention + wait (CPU tensors, so no device copies): rings, wake-ups,
               Python on both sides
@@ -116,12 +117,11 @@ def main() -> None:
             local.add_sequence(s)
             local.reserve(s, n + 1)
             local.write(0, s, 0, hist, hist)
-        ids_t, pos_t, lens_t = torch.tensor(ids), torch.full((b,), n), torch.full((b,), n + 1)
+        ids_t, lens_t = torch.tensor(ids), torch.full((b,), n + 1)
         out = torch.empty(b, hq, d)
 
         def kernel():
-            local.append(0, ids_t, pos_t, k_new, k_new)
-            local.attention(0, ids_t, lens_t, q, out, d ** -0.5)
+            local.decode(0, ids_t, lens_t, q, k_new, k_new, out, d ** -0.5)
 
         kernels[b, n] = _median_us(kernel, iters, gap)
     print("spin us  batch        kernel us  handler us  round trip us  sidecar overhead us  transport us  "

@@ -155,6 +155,38 @@ def paged_attention(geom: Geometry, layer: int, table: np.ndarray, row_tokens: n
         raise ValidationError("context_lens", str(e)) from None
 
 
+def decode(geom: Geometry, layer: int, table: np.ndarray, row_tokens: np.ndarray, row_blocks: np.ndarray,
+           rows: np.ndarray, context_lens: np.ndarray, q: torch.Tensor, k: torch.Tensor | None,
+           v: torch.Tensor | None, out: torch.Tensor, scale: float, num_threads: int) -> None:
+    """One decode step of one layer: store the new tokens' K/V ([B, Hkv, D] fp32, or None when stored already)
+    at positions context_lens - 1, advance row_tokens, then paged_attention (same arguments). row_blocks: [num_rows]
+    int64, blocks each row holds. The native side checks the context lengths against row_tokens and row_blocks
+    before it writes anything."""
+    batch = rows.shape[0]
+    if q.dim() != 3 or q.shape[0] != batch or q.shape[2] != geom.head_dim or q.shape[1] % geom.num_kv_heads:
+        raise ValidationError("q", f"expected [B={batch}, Hq (multiple of {geom.num_kv_heads}), {geom.head_dim}], "
+                                   f"got {list(q.shape)}")
+    _check_f32("q", q, tuple(q.shape))
+    _check_f32("out", out, tuple(q.shape))
+    if (k is None) != (v is None):
+        raise ValidationError("k", "give both k and v, or neither")
+    if k is not None:
+        _check_f32("k", k, (batch, geom.num_kv_heads, geom.head_dim))
+        _check_f32("v", v, (batch, geom.num_kv_heads, geom.head_dim))
+    _check_index("rows", rows, np.int64)
+    _check_index("context_lens", context_lens, np.int64, batch)
+    _check_index("row_tokens", row_tokens, np.int64)
+    _check_index("row_blocks", row_blocks, np.int64, row_tokens.shape[0])
+    if table.dtype != np.int32 or table.ndim != 2 or not table.flags.c_contiguous:
+        raise ValidationError("table", "expected a contiguous 2-D int32 array")
+    try:
+        _native.decode(geom.as_tuple, layer, table, table.shape[1], row_tokens, row_blocks, rows, context_lens,
+                       q.data_ptr(), q.shape[1], 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
+                       out.data_ptr(), float(scale), int(num_threads))
+    except ValueError as e:
+        raise ValidationError("context_lens", str(e)) from None
+
+
 def _copy(store: bool, geom: Geometry, layer: int, blocks: np.ndarray, offsets: np.ndarray, k: torch.Tensor,
           v: torch.Tensor, num_threads: int) -> None:
     n = blocks.shape[0]

@@ -23,13 +23,17 @@ import torch
 
 from neoserve.errors import CapacityError, ValidationError
 
-from cpu_attn.kernel import (DTYPE_CODES, Arena, Geometry, default_num_threads, load_tokens, paged_attention,
-                             store_tokens)
+from cpu_attn.kernel import (DTYPE_CODES, Arena, Geometry, decode, default_num_threads, load_tokens,
+                             paged_attention, store_tokens)
 
 IntsLike = torch.Tensor | np.ndarray | SequenceT[int]
 
 DEFAULT_DTYPE = torch.bfloat16
 DEFAULT_BLOCK_SIZE = 128
+
+
+class UnknownSequenceError(ValidationError):
+    """A sequence id the cache does not hold (the sidecar answers UNKNOWN_SEQUENCE)."""
 
 
 def _ints(x: IntsLike, name: str) -> np.ndarray:
@@ -204,20 +208,53 @@ class CpuKVCache:
         paged_attention(self.geometry, layer, self._table, self._tokens, self._rows(seq_ids),
                         _ints(context_lens, "context_lens"), q, out, scale, self.num_threads)
 
+    def decode(self, layer: int, seq_ids: IntsLike, context_lens: IntsLike, q: torch.Tensor, k: torch.Tensor | None,
+               v: torch.Tensor | None, out: torch.Tensor, scale: float) -> None:
+        """One layer of a decode step, as the sidecar serves it: stores each new token's K/V (k, v [B, Hkv, D]
+        fp32, or None when an earlier call stored them) at position context_lens[b] - 1, reserving blocks as
+        needed, then writes attention over [0, context_lens[b]) into out (as `attention`).
+
+        With k/v a context length must be the tokens held + 1 (the step's first layer) or the tokens held (a later
+        layer: the first one counted the token already). All or nothing: a refused batch changes nothing.
+        """
+        self._check_layer(layer)
+        ids = seq_ids.tolist() if isinstance(seq_ids, (torch.Tensor, np.ndarray)) else list(seq_ids)
+        rows = self._rows(ids)
+        if len(set(ids)) != len(ids):
+            raise ValidationError("seq_ids", "a sequence appears twice in one batch")
+        lens = _ints(context_lens, "context_lens")
+        if lens.shape[0] != rows.shape[0]:
+            raise ValidationError("context_lens", f"expected {rows.shape[0]} context lengths, got {lens.shape[0]}")
+        if k is not None:
+            # NOTE: a new block only every block_size tokens; the common case is one vector compare. A sequence
+            # that needs one must be appending its next token (checked first: a refused batch reserves nothing).
+            short = np.flatnonzero(lens > self._blocks_held[rows] * self.block_size).tolist()
+            if short:  # checked here too (not only natively): a refused batch must not have reserved anything
+                have = self._tokens[rows]
+                for i in np.flatnonzero((lens < 1) | ((lens != have) & (lens != have + 1))).tolist()[:1]:
+                    raise ValidationError("context_lens", f"sequence {ids[i]}: context_len {lens[i]} with new k/v, "
+                                                          f"but it holds {have[i]} tokens (expected {have[i] + 1} "
+                                                          f"or {have[i]})")
+            for i in short:
+                self.reserve(ids[i], int(lens[i]))  # CapacityError: earlier reservations stay with their sequences
+            k, v = _floats(k), _floats(v)
+        decode(self.geometry, layer, self._table, self._tokens, self._blocks_held, rows, lens, q, k, v, out, scale,
+               self.num_threads)
+
     # ---------------------------------------------------------------- helpers
 
     def _row(self, seq_id: int) -> int:
         try:
             return self._row_of[int(seq_id)]
         except KeyError:
-            raise ValidationError("seq_id", f"unknown sequence {seq_id}") from None
+            raise UnknownSequenceError("seq_id", f"unknown sequence {seq_id}") from None
 
     def _rows(self, seq_ids: IntsLike) -> np.ndarray:
         ids = seq_ids.tolist() if isinstance(seq_ids, (torch.Tensor, np.ndarray)) else seq_ids
         try:
             return np.fromiter((self._row_of[s] for s in ids), dtype=np.int64, count=len(ids))
         except KeyError as e:
-            raise ValidationError("seq_ids", f"unknown sequence {e.args[0]}") from None
+            raise UnknownSequenceError("seq_ids", f"unknown sequence {e.args[0]}") from None
 
     def _capacity(self, row: int) -> int:
         return int(self._blocks_held[row]) * self.block_size

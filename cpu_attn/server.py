@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
+import numpy as np
 import torch
 
 from cpu_attn import messages as m
 from cpu_attn.config import AttnShape, SidecarConfig, shape_from_pb, shape_to_pb
+from cpu_attn.kv_cache import UnknownSequenceError
 from neoserve.errors import BackendUnavailableError, CapacityError, NeoServeError, ValidationError
 from neoserve.internal.v1 import sidecar_pb2 as pb
 from neoserve.internal.v1 import sidecar_pb2_grpc as pb_grpc
@@ -314,28 +316,11 @@ class DataPlane:
                                      f"Hkv={layout.num_kv_heads}, D={layout.head_dim}) does not match the "
                                      f"configured ({shape.num_heads}, {shape.num_kv_heads}, {shape.head_dim})")
             seq_ids, context_lens, q, k, v = layout.views(msg.data)
-            ids, lens = seq_ids.tolist(), context_lens.tolist()
-            if len(set(ids)) != len(ids):
-                raise DataPlaneError(m.ErrorCode.INVALID, "a sequence appears twice in one batch")
-            for s, n in zip(ids, lens):
-                self._known(s)
-                have = kv.num_tokens(s)
-                if layout.has_kv:
-                    # The new token goes to position n - 1: the first layer of a step grows the sequence by
-                    # one, the later layers find it grown already.
-                    if n not in (have, have + 1) or n < 1:
-                        raise DataPlaneError(m.ErrorCode.INVALID, f"sequence {s}: context_len {n} with new k/v, "
-                                             f"but it holds {have} tokens (expected {have + 1} or {have})")
-                elif not 1 <= n <= have:
-                    raise DataPlaneError(m.ErrorCode.INVALID, f"sequence {s}: context_len {n} outside [1, {have}]")
-            seq_t = torch.from_numpy(seq_ids)  # [B]
-            lens_t = torch.from_numpy(context_lens)  # [B]
-            if layout.has_kv:
-                for s, n in zip(ids, lens):
-                    kv.reserve(s, n)  # CapacityError -> CAPACITY record; a no-op when already covered
-                kv.append(layer, seq_t, lens_t - 1, torch.from_numpy(k), torch.from_numpy(v))
             out = torch.from_numpy(out_layout.out_view(buf))  # [B, Hq, D], written in place in the response slot
-            kv.attention(layer, seq_t, lens_t, torch.from_numpy(q), out, shape.softmax_scale)
+            # NOTE: one native call appends the new K/V and runs attention, checking the batch first (unknown
+            # sequences, gaps, capacity); its per-call overhead is what bounds small pipelined sub-batches.
+            kv.decode(layer, seq_ids, context_lens, torch.from_numpy(q), _tensor(k), _tensor(v), out,
+                      shape.softmax_scale)
             m.write_attn_out_header(buf, tag, layer, out_layout, start_ns, time.monotonic_ns())
         rings.producer.commit(m.MsgType.ATTN_OUT)
 
@@ -380,9 +365,15 @@ class DataPlane:
         rings.producer.commit(m.MsgType.KV_DATA)
 
 
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(a)
+
+
 def _error_code(exc: BaseException) -> tuple[m.ErrorCode, str]:
     if isinstance(exc, DataPlaneError):
         return exc.code, str(exc)
+    if isinstance(exc, UnknownSequenceError):
+        return m.ErrorCode.UNKNOWN_SEQUENCE, str(exc)
     if isinstance(exc, CapacityError):
         return m.ErrorCode.CAPACITY, str(exc)
     if isinstance(exc, FailedPreconditionError):

@@ -195,37 +195,51 @@ class ModelRunner:
         """Device attention for the GPU rows; the CPU rows (first batch.num_cpu) go to the sidecar.
         Returns the output with the CPU rows still to fill, and the sidecar ticket for them."""
         nc = batch.num_cpu
-        staged = self.stage_cpu_rows(nc, q, k, v) if nc else None
+        staged = self.stage_cpu_rows(layer, batch.cpu_seq_ids, batch.cpu_context_lens, q, k, v) if nc else None
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
         if batch.num_tokens > nc:
-            out[nc:] = paged_attention(self.kv_cache, layer, q[nc:], k[nc:], v[nc:], batch.meta, self.model.scale)
+            try:
+                out[nc:] = paged_attention(self.kv_cache, layer, q[nc:], k[nc:], v[nc:], batch.meta,
+                                           self.model.scale)
+            except BaseException:
+                if staged is not None:
+                    self.sidecar.cancel_attention(staged[0])
+                raise
         ticket = None
         if nc:
-            ticket = self.submit_cpu_rows(layer, batch.cpu_seq_ids, batch.cpu_context_lens, staged)
+            ticket = self.submit_cpu_rows(staged)
             if self.tracer is not None:
                 self.tracer.tickets[ticket] = f"attn {batch.name} L{layer}"
         return out, ticket
 
     # The hand-off of CPU rows to the sidecar, in three parts so that device work can run in between; the cost
     # model profiles the same three calls (perf_model.profile).
-    def stage_cpu_rows(self, nc: int, q, k, v) -> tuple[list[torch.Tensor], "torch.cuda.Event | None"]:
-        """Host copies of the first nc rows of q [T, Hq, D], k, v [T, Hkv, D], and the event that marks them
-        ready (None on the CPU, where they are views)."""
-        if not q.is_cuda:
-            return [q[:nc], k[:nc], v[:nc]], None
-        # NOTE: stage the CPU rows into pinned host memory asynchronously and launch the device attention
-        # before waiting for the copy, so the device stays busy while the launch thread hands off.
-        staged = [_pinned_copy(t[:nc]) for t in (q, k, v)]
-        ready = torch.cuda.Event()
-        ready.record()
-        return staged, ready
+    def stage_cpu_rows(self, layer: int, seq_ids: list[int], context_lens: list[int], q, k, v):
+        """Starts the sidecar request for the first len(seq_ids) rows of q [T, Hq, D], k, v [T, Hkv, D]: copies
+        them into its ring slot. Returns the request and the event that marks the copies done (None on the CPU).
 
-    def submit_cpu_rows(self, layer: int, seq_ids, context_lens, staged) -> int:
-        """Queues the staged rows' attention in the sidecar; returns its ticket."""
-        (q, k, v), ready = staged
+        NOTE: on CUDA the rows go device -> ring slot by DMA (the ring is registered with CUDA), asynchronously,
+        so the device attention of the GPU rows is launched before anything waits for the copy."""
+        nc = len(seq_ids)
+        request = self.sidecar.begin_attention(layer, seq_ids, context_lens)
+        try:
+            for dst, src in ((request.q, q), (request.k, k), (request.v, v)):
+                dst.copy_(src[:nc], non_blocking=src.is_cuda)
+        except BaseException:
+            self.sidecar.cancel_attention(request)
+            raise
+        ready = None
+        if q.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return request, ready
+
+    def submit_cpu_rows(self, staged) -> int:
+        """Sends a staged request once its copies are done; returns its ticket."""
+        request, ready = staged
         if ready is not None:
             ready.synchronize()
-        return self.sidecar.submit_attention(layer, seq_ids, context_lens, q, k, v)
+        return self.sidecar.commit_attention(request)
 
     def collect_cpu_rows(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
         """Waits for the sidecar's rows of `ticket` and writes them into out[:nc] ([T, Hq * D])."""
@@ -305,13 +319,6 @@ class ModelRunner:
                            keep_rows=torch.arange(n, device=self.device), num_cpu=0, cpu_seq_ids=[],
                            cpu_context_lens=[])
         return self.model.logits(self._forward(batch))
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    """Non-blocking device -> pinned host copy in fp32 (the sidecar's data-plane dtype)."""
-    host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
 
 
 @dataclass

@@ -6,7 +6,7 @@ It predicts, for one whole forward (all layers):
   profiled batch sizes) plus device decode attention per context token;
 - cpu_time(batch, context): one sub-batch's hand-off to the sidecar and its decode attention, per layer summed
   over layers, measured through the worker's own hand-off (ModelRunner.stage_cpu_rows / submit_cpu_rows /
-  collect_cpu_rows: device -> pinned host, event wait, request ring, the sidecar's kernel with the new token's K/V
+  collect_cpu_rows: device -> request ring slot, event wait, the sidecar's kernel with the new token's K/V
   appended, response ring, pinned host -> device). So PCIe time and every fixed cost of a call are in it (NEO
   leaves PCIe time out of its model; we do not): a fixed part per call, a part per sequence and a part per context
   token.
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 LINEAR_POINTS = (1, 8, 32, 128, 512)
 PROFILE_SEQ_ID_BASE = 2**62  # sequence ids no request uses
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -153,8 +153,8 @@ def _profile_hand_off(runner, sidecar) -> tuple[float, float, float]:
         def probe(seqs: list[int], context: int) -> float:
             def one_call():
                 n = len(seqs)
-                staged = runner.stage_cpu_rows(n, q, kv, kv)
-                ticket = runner.submit_cpu_rows(0, seqs, [context] * n, staged)
+                staged = runner.stage_cpu_rows(0, seqs, [context] * n, q, kv, kv)
+                ticket = runner.submit_cpu_rows(staged)
                 runner.collect_cpu_rows(ticket, q.new_empty(n, mc.q_size), n)
             return _timed(one_call, dev, reps=5)
 

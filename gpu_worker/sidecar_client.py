@@ -72,6 +72,22 @@ class _Pending:
     decode: Callable[[Message], Any]
 
 
+@dataclass
+class AttnRequest:
+    """A begun attention request (SidecarClient.begin_attention): its tensors are views of its request slot."""
+
+    tag: int
+    layer: int
+    batch: int
+    q: torch.Tensor  # [B, Hq, D] fp32
+    k: torch.Tensor | None  # [B, Hkv, D] fp32, the new tokens' keys (None: the cache holds them)
+    v: torch.Tensor | None
+
+
+def _from_numpy(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(a)
+
+
 def _ints(x: IntsLike, name: str) -> np.ndarray:
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
@@ -83,9 +99,9 @@ def _as_tensor(x: TensorLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
 
-def _fill(dst: np.ndarray, src: torch.Tensor) -> bool:
+def _fill(dst: np.ndarray | torch.Tensor, src: torch.Tensor) -> bool:
     """Copies src into the ring view dst (converting to fp32). Returns True if a device copy is in flight."""
-    t = torch.from_numpy(dst)
+    t = torch.from_numpy(dst) if isinstance(dst, np.ndarray) else dst
     if src.is_cuda:
         # NOTE: non_blocking D2H into the registered (pinned) ring is a real DMA; the caller synchronises once
         # before committing, so the sidecar never sees a half-written slot.
@@ -299,13 +315,10 @@ class SidecarClient:
         None when the cache already holds them. context_lens include the new token. Any float dtype/device.
         """
         shape = self._require_shape()
-        ids, lens = _ints(seq_ids, "seq_ids"), _ints(context_lens, "context_lens")
-        batch = ids.shape[0]
         q = _as_tensor(q)
-        if lens.shape[0] != batch or batch == 0:
-            raise ValidationError("context_lens", f"expected {batch} (>0) context lengths, got {lens.shape[0]}")
+        batch = q.shape[0] if q.dim() else 0
         if tuple(q.shape) != (batch, shape.num_heads, shape.head_dim):
-            raise ValidationError("q", f"expected [{batch}, {shape.num_heads}, {shape.head_dim}], got {list(q.shape)}")
+            raise ValidationError("q", f"expected [B, {shape.num_heads}, {shape.head_dim}], got {list(q.shape)}")
         if (k is None) != (v is None):
             raise ValidationError("k", "give both k and v, or neither")
         if k is not None:
@@ -313,7 +326,37 @@ class SidecarClient:
             want = (batch, shape.num_kv_heads, shape.head_dim)
             if tuple(k.shape) != want or tuple(v.shape) != want:
                 raise ValidationError("k", f"k and v must be {list(want)}, got {list(k.shape)} and {list(v.shape)}")
-        layout = m.attn_layout(batch, shape.num_heads, shape.num_kv_heads, shape.head_dim, k is not None)
+        request = self.begin_attention(layer, seq_ids, context_lens, has_kv=k is not None)
+        try:
+            if request.batch != batch:
+                raise ValidationError("q", f"expected [{request.batch}, {shape.num_heads}, {shape.head_dim}], got "
+                                           f"{list(q.shape)}")
+            on_device = _fill(request.q, q)
+            if k is not None:
+                on_device |= _fill(request.k, k)
+                on_device |= _fill(request.v, v)
+            if on_device:
+                torch.cuda.current_stream(q.device if q.is_cuda else k.device).synchronize()
+        except BaseException:
+            self.cancel_attention(request)
+            raise
+        return self.commit_attention(request)
+
+    def begin_attention(self, layer: int, seq_ids: IntsLike, context_lens: IntsLike,
+                        has_kv: bool = True) -> "AttnRequest":
+        """The first half of `submit_attention`: reserves the request's ring slot and writes all but its tensors.
+        The caller fills `q` (and `k`, `v`): fp32 views of the slot, which a device tensor can copy into directly
+        (non_blocking: the ring is registered with CUDA, so it is a DMA) and then `commit_attention`s it, or
+        `cancel_attention`s it. No other request can be made in between.
+
+        NOTE: a CUDA worker saves a pinned staging copy per tensor and layer this way: device -> ring, once.
+        """
+        shape = self._require_shape()
+        ids, lens = _ints(seq_ids, "seq_ids"), _ints(context_lens, "context_lens")
+        batch = ids.shape[0]
+        if lens.shape[0] != batch or batch == 0:
+            raise ValidationError("context_lens", f"expected {batch} (>0) context lengths, got {lens.shape[0]}")
+        layout = m.attn_layout(batch, shape.num_heads, shape.num_kv_heads, shape.head_dim, has_kv)
         tag = self._take_tag()
         buf = self._reserve(layout.nbytes)
         try:
@@ -321,18 +364,23 @@ class SidecarClient:
             seq_v, lens_v, q_v, k_v, v_v = layout.views(buf)
             seq_v[:] = ids
             lens_v[:] = lens
-            on_device = _fill(q_v, q)
-            if k is not None:
-                on_device |= _fill(k_v, k)
-                on_device |= _fill(v_v, v)
-            if on_device:
-                torch.cuda.current_stream(q.device if q.is_cuda else k.device).synchronize()
         except BaseException:
             self._producer.cancel()
             raise
-        out_layout = m.attn_out_layout(batch, shape.num_heads, shape.head_dim)
-        self._publish(tag, m.MsgType.ATTN, _Pending(m.MsgType.ATTN_OUT, self._attn_decoder(tag, layer, out_layout)))
-        return tag
+        return AttnRequest(tag, layer, batch, torch.from_numpy(q_v), _from_numpy(k_v), _from_numpy(v_v))
+
+    def commit_attention(self, request: "AttnRequest") -> int:
+        """Hands a filled request to the sidecar; returns its ticket for `wait`."""
+        shape = self.shape
+        out_layout = m.attn_out_layout(request.batch, shape.num_heads, shape.head_dim)
+        self._publish(request.tag, m.MsgType.ATTN,
+                      _Pending(m.MsgType.ATTN_OUT, self._attn_decoder(request.tag, request.layer, out_layout)))
+        return request.tag
+
+    def cancel_attention(self, request: "AttnRequest") -> None:
+        """Gives a begun request's slot back unsent."""
+        if self._producer is not None:
+            self._producer.cancel()
 
     def wait(self, ticket: int, out: torch.Tensor | None = None, timeout: float | None = None) -> Any:
         """The result of `ticket`: the attention output [B, Hq, D] (written into `out` when given, e.g. a GPU

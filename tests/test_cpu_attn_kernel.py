@@ -157,6 +157,85 @@ def test_decode_loop_with_append(path):
             assert rel_err(out, reference(q, ks, vs, lens, 0.125)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_decode_appends_then_attends_on_every_layer(path, dtype):
+    """CpuKVCache.decode, the sidecar's one call per layer: the step's first layer appends the new token (context
+    = tokens held + 1), later layers find it counted (context = tokens held); blocks are reserved as sequences
+    cross block boundaries. Every output matches float64 attention over what the cache stores."""
+    gen = torch.Generator().manual_seed(5)
+    layers = 3
+    cache = CpuKVCache(layers, 2, 64, 16 << 20, dtype=dtype, num_threads=2, block_size=64)
+    start = [1, 62, 64, 127]
+    stored = []  # per layer: (ks, vs) as stored
+    for sid, n in enumerate(start):
+        cache.add_sequence(sid)
+        cache.reserve(sid, n)
+    for layer in range(layers):
+        ks = [torch.randn(n, 2, 64, generator=gen) for n in start]
+        vs = [torch.randn(n, 2, 64, generator=gen) for n in start]
+        for sid in range(len(start)):
+            cache.write(layer, sid, 0, ks[sid], vs[sid])
+        stored.append(([k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs]))
+    ids = np.arange(len(start))
+    for step in range(4):  # crosses the 64- and 128-token block boundaries
+        lens = np.array(start, dtype=np.int64) + step + 1
+        for layer in range(layers):
+            k = torch.randn(len(start), 2, 64, generator=gen)
+            v = torch.randn(len(start), 2, 64, generator=gen)
+            q = torch.randn(len(start), 6, 64, generator=gen)
+            out = torch.empty_like(q)
+            cache.decode(layer, ids, lens, q, k, v, out, 0.125)
+            ks, vs = stored[layer]
+            for b in range(len(start)):
+                ks[b] = torch.cat([ks[b], k[b:b + 1].to(dtype).float()])
+                vs[b] = torch.cat([vs[b], v[b:b + 1].to(dtype).float()])
+            assert rel_err(out, reference(q, ks, vs, lens.tolist(), 0.125)) < 1e-5
+        assert [cache.num_tokens(s) for s in ids.tolist()] == lens.tolist()
+    # Without k/v: attention over what is stored, up to any length held.
+    q = torch.randn(2, 6, 64, generator=gen)
+    out = torch.empty_like(q)
+    cache.decode(1, ids[:2], [3, 60], q, None, None, out, 0.125)
+    ks, vs = stored[1]
+    assert rel_err(out, reference(q, ks[:2], vs[:2], [3, 60], 0.125)) < 1e-5
+
+
+def test_decode_refuses_a_bad_batch_and_changes_nothing():
+    from cpu_attn.kv_cache import UnknownSequenceError
+    from neoserve.errors import CapacityError
+
+    gen = torch.Generator().manual_seed(6)
+    cache = CpuKVCache(2, 2, 64, 16 << 20, dtype=torch.float32, num_threads=1, block_size=64)
+    fill(cache, 0, [10, 64], gen)
+    q, out = torch.randn(2, 4, 64), torch.empty(2, 4, 64)
+    kv = torch.randn(2, 2, 64)
+    before = (cache.stats(), cache._table.copy())
+
+    def unchanged() -> None:
+        assert cache.stats() == before[0] and (cache._table == before[1]).all()
+
+    with pytest.raises(UnknownSequenceError, match="unknown sequence 9"):
+        cache.decode(0, [0, 9], [11, 65], q, kv, kv, out, 0.1)
+    with pytest.raises(ValidationError, match="twice"):
+        cache.decode(0, [1, 1], [65, 65], q, kv, kv, out, 0.1)
+    with pytest.raises(ValidationError, match="context_len 13 with new k/v"):  # a gap: holds 10
+        cache.decode(0, [1, 0], [65, 13], q, kv, kv, out, 0.1)
+    with pytest.raises(ValidationError, match="context_len 67 with new k/v"):  # a gap across a block boundary
+        cache.decode(0, [0, 1], [11, 67], q, kv, kv, out, 0.1)
+    with pytest.raises(ValidationError, match="outside"):  # without k/v: past the stored tokens
+        cache.decode(0, [0, 1], [11, 64], q, None, None, out, 0.1)
+    with pytest.raises(ValidationError, match="layer"):
+        cache.decode(2, [0, 1], [11, 65], q, kv, kv, out, 0.1)
+    unchanged()
+    full = CpuKVCache(1, 2, 64, 64 * 2 * 128 * 4, dtype=torch.float32, num_threads=1, block_size=64)  # one block
+    assert full.num_blocks == 1
+    full.add_sequence(0)
+    full.reserve(0, 64)
+    full.write(0, 0, 0, torch.zeros(64, 2, 64), torch.zeros(64, 2, 64))
+    with pytest.raises(CapacityError):
+        full.decode(0, [0], [65], q[:1], kv[:1], kv[:1], out[:1], 0.1)
+    assert full.num_tokens(0) == 64
+
+
 def test_large_scores_stay_finite(path):
     """Online softmax with big logits (max subtraction across blocks) must neither overflow nor underflow."""
     gen = torch.Generator().manual_seed(5)

@@ -958,6 +958,113 @@ done:
     return result;
 }
 
+/*
+ * decode(geom, layer, table, table_stride, row_tokens, row_blocks, rows, ctx, q, hq, k, v, out, scale, nthreads)
+ * One layer of one decode step for B sequences, the sidecar's per-layer request in one call: stores each new
+ * token's K/V (k, v fp32 [B, Hkv, D]; both 0 when the cache holds them already) at position ctx[b] - 1 of row
+ * rows[b], then runs attention() over [0, ctx[b]).
+ * row_tokens: int64 [num_rows] tokens stored per row, advanced here; row_blocks: int64 [num_rows] blocks held
+ * per row. With k/v, ctx[b] must be row_tokens + 1 (the step's first layer appends) or row_tokens (a later
+ * layer finds the token counted already), within the blocks held; without, 1 <= ctx[b] <= row_tokens.
+ * Everything is checked before anything is written (ValueError naming the batch index). The caller rules out
+ * a row appearing twice.
+ * NOTE: one call per layer instead of store() + attention() and their Python wrappers: at the batch sizes a
+ * pipelined step sends, the per-call overhead, not the kernel, was most of a sidecar call.
+ */
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    PyObject *geom_t;
+    Geom g;
+    Py_buffer table, row_tokens, row_blocks, rows, ctx;
+    int layer, hq, nthreads;
+    unsigned long long q, k, v, out;
+    long long stride;
+    float scale;
+    if (!PyArg_ParseTuple(args, "Oiy*Lw*y*y*y*KiKKKfi", &geom_t, &layer, &table, &stride, &row_tokens, &row_blocks,
+                          &rows, &ctx, &q, &hq, &k, &v, &out, &scale, &nthreads))
+        return NULL;
+    PyObject *result = NULL;
+    int32_t *blocks = NULL, *offs = NULL;
+    const Py_ssize_t B = rows.len / 8, nrows = row_tokens.len / 8;
+    const int64_t *rw = rows.buf, *cx = ctx.buf, *rb = row_blocks.buf;
+    int64_t *rt = row_tokens.buf;
+    const int32_t *tb = table.buf;
+    const int has_kv = k != 0;
+    if (parse_geom(geom_t, &g) < 0) goto done;
+    if (hq <= 0 || hq % g.hkv != 0 || layer < 0 || layer >= g.num_layers || nthreads < 1 || stride <= 0 ||
+        ctx.len != rows.len || row_blocks.len != row_tokens.len || table.len < (Py_ssize_t)(nrows * stride * 4) ||
+        (k == 0) != (v == 0)) {
+        PyErr_SetString(PyExc_ValueError, "decode: bad layer, head count, thread count, table shape or k/v");
+        goto done;
+    }
+    if (has_kv && B > 0) {
+        blocks = malloc(sizeof(int32_t) * (size_t)B);
+        offs = malloc(sizeof(int32_t) * (size_t)B);
+        if (!blocks || !offs) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    for (Py_ssize_t b = 0; b < B; b++) {
+        if (rw[b] < 0 || rw[b] >= nrows) {
+            PyErr_Format(PyExc_ValueError, "batch entry %zd: no such sequence row %lld", b, (long long)rw[b]);
+            goto done;
+        }
+        const int64_t have = rt[rw[b]], n = cx[b];
+        if (!has_kv) {
+            if (n < 1 || n > have) {
+                PyErr_Format(PyExc_ValueError, "batch entry %zd: context_len %lld is outside [1, %lld] (the tokens "
+                             "stored for that sequence)", b, (long long)n, (long long)have);
+                goto done;
+            }
+            continue;
+        }
+        if (n < 1 || (n != have && n != have + 1)) {
+            PyErr_Format(PyExc_ValueError, "batch entry %zd: context_len %lld with new k/v, but the sequence holds "
+                         "%lld tokens (expected %lld or %lld)", b, (long long)n, (long long)have, (long long)have + 1,
+                         (long long)have);
+            goto done;
+        }
+        const int64_t pos = n - 1, held = rb[rw[b]] < stride ? rb[rw[b]] : stride;
+        if (pos / g.bs >= held || tb[rw[b] * stride + pos / g.bs] < 0 ||
+            tb[rw[b] * stride + pos / g.bs] >= g.num_blocks) {
+            PyErr_Format(PyExc_ValueError, "batch entry %zd: position %lld is beyond the sequence's reserved blocks",
+                         b, (long long)pos);
+            goto done;
+        }
+        blocks[b] = tb[rw[b] * stride + pos / g.bs];
+        offs[b] = (int32_t)(pos % g.bs);
+    }
+    int rc = 0;
+    if (B > 0) {
+        if (has_kv) {
+            Py_BEGIN_ALLOW_THREADS
+            copy_tokens(&g, layer, B, blocks, offs, (float *)(uintptr_t)k, (float *)(uintptr_t)v, nthreads, 1);
+            Py_END_ALLOW_THREADS
+        }
+        if (has_kv)
+            for (Py_ssize_t b = 0; b < B; b++)
+                if (rt[rw[b]] < cx[b]) rt[rw[b]] = cx[b];
+        Job job = {&g, layer, tb, stride, rw, cx, (const float *)(uintptr_t)q, (float *)(uintptr_t)out, hq, hq / g.hkv,
+                   scale};
+        Py_BEGIN_ALLOW_THREADS rc = run_attention(&job, (int)B, nthreads);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    free(blocks);
+    free(offs);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&row_tokens);
+    PyBuffer_Release(&row_blocks);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&ctx);
+    return result;
+}
+
 /* store/load(geom, layer, blocks, offsets, k, v, nthreads): blocks, offsets int32 [n]; k, v fp32 [n, Hkv, D]. */
 static PyObject *py_copy(PyObject *args, int to_arena) {
     PyObject *geom_t;
@@ -1033,6 +1140,8 @@ static PyObject *py_set_force_portable(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"attention", py_attention, METH_VARARGS,
      "attention(geom, layer, table, table_stride, row_tokens, rows, ctx, q, hq, out, scale, nthreads)"},
+    {"decode", py_decode, METH_VARARGS,
+     "decode(geom, layer, table, table_stride, row_tokens, row_blocks, rows, ctx, q, hq, k, v, out, scale, nthreads)"},
     {"store", py_store, METH_VARARGS, "store(geom, layer, blocks, offsets, k, v, nthreads)"},
     {"load", py_load, METH_VARARGS, "load(geom, layer, blocks, offsets, k_out, v_out, nthreads)"},
     {"stream_read", py_stream_read, METH_VARARGS,
