@@ -17,16 +17,18 @@
 #   handoff      bench/bench_handoff.py --quick: one sidecar call split into kernel / handler / transport time, with
 #                the rings' spin at 50 and 3000 us
 #   trace        bench/trace_pipeline.py on random:llama-3-8b, bf16: one pipelined step's device and sidecar busy
-#                intervals (pipeline_trace.json for ui.perfetto.dev, pipeline_trace.png)
+#                intervals (pipeline_trace.json for ui.perfetto.dev, pipeline_trace.png), the launch thread's time
+#                in each hand-off step, and the step's torch.profiler table (pipeline_profile.txt)
 #   serve        bench/serve.py: gpu-only, auto and auto@baseline (auto bounded by gpu-only's p50 per-token
 #                latency) on random:llama-3-8b, bf16, GPU KV capped (GPU_KV_TOKENS, 4000), sidecar KV bf16,
 #                Poisson arrivals (SERVE_RATES, default 0.5,3 req/s), input ~1000 (normal:1000:100), output
 #                uniform:50:400, with the auto/gpu-only throughput ratio at equal or better p50 per-token latency;
 #                it gets whatever is left of the budget and splits it over modes and rates itself (--budget-s).
-# Knobs (environment): GPU_CHECK_BUDGET_S, SERVE_MODES, SERVE_RATES, GPU_KV_TOKENS, SERVE_MODEL (random:llama-3-8b),
-# SERVE_INPUT_LEN, SERVE_OUTPUT_LEN, CHECK_DEVICE (cuda), SKIP_STAGES (space-separated stage names). A CPU-only dry run
-# of the plumbing: CHECK_DEVICE=cpu SERVE_MODEL=random:smollm2-135m SERVE_INPUT_LEN=64 SERVE_OUTPUT_LEN=uniform:4:8
-# SKIP_STAGES=pytest-cuda GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
+# The CUDA tests include the layer graphs (real captures); trace and serving run with --cuda-graphs (ENGINE_EXTRA).
+# Knobs (environment): GPU_CHECK_BUDGET_S, ENGINE_EXTRA (--cuda-graphs), SERVE_MODES, SERVE_RATES, GPU_KV_TOKENS,
+# SERVE_MODEL (random:llama-3-8b), SERVE_INPUT_LEN, SERVE_OUTPUT_LEN, CHECK_DEVICE (cuda), SKIP_STAGES (space-separated
+# stage names). A CPU-only dry run of the plumbing: CHECK_DEVICE=cpu SERVE_MODEL=random:smollm2-135m
+# SERVE_INPUT_LEN=64 SERVE_OUTPUT_LEN=uniform:4:8 SKIP_STAGES=pytest-cuda GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh
 # Writes (at most 8 files, for hosts that return only a few): gpu_check.log (all output), summary.md (the tables),
 # serve.json, serve.png, cuda_vs_cpu.json, pipeline_trace.json, pipeline_trace.png, details.tar.gz (per-stage logs,
 # server logs). The short table is last.
@@ -53,6 +55,8 @@ SERVE_MODEL=${SERVE_MODEL:-random:llama-3-8b}
 SERVE_INPUT_LEN=${SERVE_INPUT_LEN:-normal:1000:100}
 SERVE_OUTPUT_LEN=${SERVE_OUTPUT_LEN:-uniform:50:400}
 CHECK_DEVICE=${CHECK_DEVICE:-cuda}
+# NOTE: layer CUDA graphs on for trace and serving (both modes alike); ENGINE_EXTRA= runs them eagerly.
+ENGINE_EXTRA=${ENGINE_EXTRA---cuda-graphs}
 SKIP_STAGES=" ${SKIP_STAGES:-} "
 mkdir -p "$OUT_DIR"
 WORK=$(mktemp -d /tmp/neoserve-gpu-check.XXXXXX)
@@ -200,16 +204,17 @@ run_stage handoff 60 "$PY" bench/bench_handoff.py --threads "$TRACE_THREADS" --q
 set_note "$(grep -E '^ +3000 +6 x' "$WORK/handoff.log" | tr -s ' ' | cut -c1-110)"
 
 # --- one pipelined step, traced ---------------------------------------------------------------------------------------
-run_stage trace 75 "$PY" bench/trace_pipeline.py --model "$SERVE_MODEL" --device "$CHECK_DEVICE" --dtype bfloat16 \
-  --cpu-attn-threads "$TRACE_THREADS" --cpu-kv-dtype "$CPU_KV_DTYPE" --ring-spin-us 3000 --out "$OUT_DIR"
-set_note "$(grep '^pipelined step' "$WORK/trace.log" | cut -c1-160)"
+run_stage trace 90 "$PY" bench/trace_pipeline.py --model "$SERVE_MODEL" --device "$CHECK_DEVICE" --dtype bfloat16 \
+  --cpu-attn-threads "$TRACE_THREADS" --cpu-kv-dtype "$CPU_KV_DTYPE" --ring-spin-us 3000 $ENGINE_EXTRA --profile \
+  --out "$OUT_DIR"
+set_note "$(grep -E '^(pipelined step|launch thread)' "$WORK/trace.log" | cut -c1-200 | tr '\n' ' ')"
 
 # --- serving comparison -----------------------------------------------------------------------------------------------
 SERVE_LEFT=$((BUDGET - $(elapsed) - 15))
 if [ "$SERVE_LEFT" -ge 60 ]; then
   run_stage serve "$((SERVE_LEFT + 10))" "$PY" bench/serve.py --modes "$SERVE_MODES" --rates "$SERVE_RATES" \
     --num-requests 400 --input-len "$SERVE_INPUT_LEN" --output-len "$SERVE_OUTPUT_LEN" --warmup 2 \
-    --engine-args "--model $SERVE_MODEL --device $CHECK_DEVICE --dtype bfloat16 --gpu-kv-tokens $GPU_KV_TOKENS --max-model-len 2048 --cpu-kv-gib 8 --cpu-kv-dtype $CPU_KV_DTYPE" \
+    --engine-args "--model $SERVE_MODEL --device $CHECK_DEVICE --dtype bfloat16 --gpu-kv-tokens $GPU_KV_TOKENS --max-model-len 2048 --cpu-kv-gib 8 --cpu-kv-dtype $CPU_KV_DTYPE $ENGINE_EXTRA" \
     --budget-s "$SERVE_LEFT" --no-progress --out "$WORK/serve"
   cp "$WORK/serve/serve.json" "$WORK/serve/serve.png" "$OUT_DIR/" 2>/dev/null
   set_note "$("$PY" - "$WORK/serve/serve.json" <<'EOF' 2>/dev/null
@@ -257,6 +262,7 @@ fi
   echo
   echo "total $(elapsed) s of a ${BUDGET} s budget"
 } >"$SUMMARY"
+mv "$OUT_DIR/pipeline_profile.txt" "$WORK/" 2>/dev/null  # NOTE: into details.tar.gz: $OUT keeps at most 8 files
 tar -czf "$OUT_DIR/details.tar.gz" -C "$WORK" --exclude=./site --exclude=./build --exclude=./mpl --exclude=./cache \
   --exclude=./triton . 2>/dev/null
 rm -rf "$WORK"

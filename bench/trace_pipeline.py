@@ -6,7 +6,10 @@
 Starts an engine in cpu-all mode (every sequence decodes on the CPU after its prefill) and staggers arrivals, so a
 step mixes a device prefill with CPU decodes; runs until a step uses the two-sub-batch pipeline, records that step with
 gpu_worker.trace.StepTracer and writes `pipeline_trace.json` (Chrome/Perfetto trace events) and
-`pipeline_trace.png` (a two-row timeline). Prints the step time, each track's busy time and their overlap.
+`pipeline_trace.png` (a two-row timeline). Prints the step time, each track's busy time and their overlap, and where
+the worker's launch thread spent its time inside the hand-offs (staging rows into the ring, waiting for the copy's
+event, committing, waiting for the sidecar, copying results back). `--profile` also runs that step under
+torch.profiler and writes the ops by self CPU time to `pipeline_profile.txt` (launch overhead, synchronisations).
 On a 2-core CPU-only host the "device" is the CPU too, so the overlap shown is real concurrency between two
 processes, not a speed claim.
 """
@@ -14,6 +17,7 @@ processes, not a speed claim.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +28,15 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.engine import LLMEngine
 from gpu_worker.trace import StepTracer, chrome_trace, overlap_ns
 from neoserve.sampling_params import SamplingParams
+
+
+def _profiler(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
 
 
 def main() -> None:
@@ -38,6 +51,9 @@ def main() -> None:
                         help="ring busy-wait before sleeping (3000 where worker and sidecar have cores of their own)")
     parser.add_argument("--num-seqs", type=int, default=12)
     parser.add_argument("--prompt-len", type=int, default=200)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="decode-only sub-batches replay each layer's dense halves from CUDA graphs")
+    parser.add_argument("--profile", action="store_true", help="also profile the traced step with torch.profiler")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -45,7 +61,8 @@ def main() -> None:
 
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, mode="cpu-all",
                                     threads=args.threads, cpu_kv_gib=1.0, cpu_attn_threads=args.cpu_attn_threads,
-                                    cpu_kv_dtype=args.cpu_kv_dtype, ring_spin_us=args.ring_spin_us))
+                                    cpu_kv_dtype=args.cpu_kv_dtype, ring_spin_us=args.ring_spin_us,
+                                    cuda_graphs=args.cuda_graphs))
     try:
         vocab = engine.model_config.vocab_size
         g = torch.Generator().manual_seed(0)
@@ -59,16 +76,18 @@ def main() -> None:
                 continue
             for _ in range(3):
                 engine.step()
-        spans = None
+        spans = profile = None
         for _ in range(200):
             tracer = StepTracer(engine.runner.device)
             engine.runner.tracer = tracer
             engine.sidecar.trace = {}
             before = engine.num_pipelined_steps
-            engine.step()
+            with _profiler(args.profile, engine.runner.device) as prof:
+                engine.step()
             engine.runner.tracer = None
             if engine.num_pipelined_steps > before:
                 spans = tracer.finish(engine.sidecar.trace)
+                profile = prof
                 break
         if spans is None:
             raise SystemExit("no pipelined step happened")
@@ -82,6 +101,20 @@ def main() -> None:
     print(f"pipelined step: {(t1 - t0) / 1e6:.2f} ms; device busy {busy['device'] / 1e6:.2f} ms, sidecar busy "
           f"{busy['sidecar'] / 1e6:.2f} ms, both busy at once {both / 1e6:.2f} ms "
           f"({100 * both / max(busy['sidecar'], 1):.0f}% of the sidecar's time hidden under device work)")
+    step_ms = (t1 - t0) / 1e6
+    handoff: dict[str, list[int]] = {}
+    for sp in spans:
+        if sp.track == "launch":
+            handoff.setdefault(sp.name, []).append(sp.end_ns - sp.start_ns)
+    total = sum(sum(v) for v in handoff.values()) / 1e6
+    parts = ", ".join(f"{name} {sum(v) / 1e6:.2f} ms ({len(v)} x {sum(v) / len(v) / 1e3:.0f} us)"
+                      for name, v in handoff.items())
+    print(f"launch thread inside hand-offs: {total:.2f} ms ({100 * total / step_ms:.0f}% of the step): {parts}")
+    if profile is not None:
+        table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (out_dir / "pipeline_profile.txt").write_text(table)
+        print("\n".join(table.splitlines()[:25]))
+        print(f"(full table: {out_dir / 'pipeline_profile.txt'})")
     (out_dir / "pipeline_trace.json").write_text(json.dumps(chrome_trace(spans)))
     try:
         import matplotlib

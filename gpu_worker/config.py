@@ -36,6 +36,9 @@ class EngineConfig(CliConfig):
     latency_bound_ms: float | None = flag(None, "per-token latency bound the auto scheduler plans under "
                                                 "(CPU decodes past it wait, at most --max-cpu-wait-steps)")
     max_cpu_wait_steps: int = flag(4, "most consecutive steps a CPU decode may be held back for balance")
+    cuda_graphs: bool = flag(False, "replay each layer's projections and MLP for decode-only batches from CUDA "
+                                    "graphs (attention stays eager); on the cpu it runs the same buffers eagerly")
+    cuda_graph_max_batch: int = flag(128, "largest decode batch with graphs (bigger ones run eagerly)")
     threads: int | None = flag(None, "torch threads of the worker (default: torch's choice)")
     seed: int = flag(0, "seed of the sampler for requests without a seed")
 
@@ -65,5 +68,7 @@ class EngineConfig(CliConfig):
             raise ValueError(f"latency_bound_ms must be > 0, got {self.latency_bound_ms}")
         if self.max_cpu_wait_steps < 0:
             raise ValueError(f"max_cpu_wait_steps must be >= 0, got {self.max_cpu_wait_steps}")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from gpu_worker.attention import AttentionMetadata, PagedKVCache, paged_attention
 from gpu_worker.config import EngineConfig
+from gpu_worker.layer_graphs import GraphedLayers, LayerGraphs
 from gpu_worker.model.llama import LlamaModel
 from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
@@ -76,8 +78,19 @@ class ModelRunner:
         self.sidecar = None  # SidecarClient, attached by the engine when a mode places KV on the CPU
         self._on_sidecar: set[int] = set()  # sequences whose KV the sidecar holds
         self.tracer: StepTracer | None = None  # set for one step to record its timeline (bench/trace_pipeline.py)
+        self.graphs = self._capture_graphs() if config.cuda_graphs else None
         log.info("model %s on %s (%s): %d layers, KV cache %d blocks x %d tokens, context %d", mc.name or mc.architecture,
                  self.device, self.dtype, mc.num_layers, self.num_gpu_blocks, self.block_size, self.max_model_len)
+
+    def _capture_graphs(self) -> LayerGraphs | None:
+        graphs = LayerGraphs(self.model, min(self.config.max_num_seqs, self.config.cuda_graph_max_batch),
+                             capture=self.device.type == "cuda")
+        try:
+            graphs.capture()
+        except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than not at all
+            log.exception("capturing the layers' CUDA graphs failed: running every layer eagerly")
+            return None
+        return graphs
 
     def _num_kv_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
@@ -191,12 +204,11 @@ class ModelRunner:
         out = self.sampler(logits, batch)
         return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
 
-    def _attend(self, layer: int, batch: "_FlatBatch", q, k, v) -> tuple[torch.Tensor, int | None]:
-        """Device attention for the GPU rows; the CPU rows (first batch.num_cpu) go to the sidecar.
-        Returns the output with the CPU rows still to fill, and the sidecar ticket for them."""
+    def _attend(self, layer: int, batch: "_FlatBatch", q, k, v, out: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Device attention for the GPU rows into out [T, Hq * D]; the CPU rows (first batch.num_cpu) go to the
+        sidecar. Returns out with the CPU rows still to fill, and the sidecar ticket for them."""
         nc = batch.num_cpu
         staged = self.stage_cpu_rows(layer, batch.cpu_seq_ids, batch.cpu_context_lens, q, k, v) if nc else None
-        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
         if batch.num_tokens > nc:
             try:
                 out[nc:] = paged_attention(self.kv_cache, layer, q[nc:], k[nc:], v[nc:], batch.meta,
@@ -220,6 +232,7 @@ class ModelRunner:
 
         NOTE: on CUDA the rows go device -> ring slot by DMA (the ring is registered with CUDA), asynchronously,
         so the device attention of the GPU rows is launched before anything waits for the copy."""
+        t0 = time.monotonic_ns() if self.tracer is not None else 0
         nc = len(seq_ids)
         request = self.sidecar.begin_attention(layer, seq_ids, context_lens)
         try:
@@ -232,76 +245,95 @@ class ModelRunner:
         if q.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
+        if self.tracer is not None:
+            self.tracer.mark("stage", t0)
         return request, ready
 
     def submit_cpu_rows(self, staged) -> int:
         """Sends a staged request once its copies are done; returns its ticket."""
         request, ready = staged
+        t0 = time.monotonic_ns() if self.tracer is not None else 0
         if ready is not None:
             ready.synchronize()
-        return self.sidecar.commit_attention(request)
+            if self.tracer is not None:
+                self.tracer.mark("event wait", t0)
+                t0 = time.monotonic_ns()
+        ticket = self.sidecar.commit_attention(request)
+        if self.tracer is not None:
+            self.tracer.mark("commit", t0)
+        return ticket
 
     def collect_cpu_rows(self, ticket: int | None, out: torch.Tensor, nc: int) -> torch.Tensor:
         """Waits for the sidecar's rows of `ticket` and writes them into out[:nc] ([T, Hq * D])."""
         if ticket is None:
             return out
+        t0 = time.monotonic_ns() if self.tracer is not None else 0
         if out.is_cuda:
             # NOTE: through pinned memory and non_blocking: a copy from pageable memory would drain the stream.
             host = torch.empty(nc, out.shape[1], dtype=torch.float32, pin_memory=True)
             self.sidecar.wait(ticket, out=host.view(nc, self.model_config.num_heads, -1))
+            if self.tracer is not None:
+                self.tracer.mark("sidecar wait", t0)
+                t0 = time.monotonic_ns()
             out[:nc] = host.to(out.device, non_blocking=True)
+            if self.tracer is not None:
+                self.tracer.mark("result copy", t0)
         else:
             # NOTE: straight from the response slot into the output rows: one copy, no temporary.
             self.sidecar.wait(ticket, out=out[:nc].view(nc, self.model_config.num_heads, -1))
+            if self.tracer is not None:
+                self.tracer.mark("sidecar wait", t0)
         return out
 
     def _span(self, name: str):
         return self.tracer.span(name) if self.tracer is not None else contextlib.nullcontext()
 
+    def _layers(self, batch: "_FlatBatch", role: str) -> "_EagerLayers | GraphedLayers":
+        """How one sub-batch runs through the layers: from CUDA graphs when it is decode-only and fits a bucket."""
+        x = self.model.embed(batch.ids)  # [T, hidden]
+        if self.graphs is not None and batch.decode_only:
+            graphed = self.graphs.start(role, x, batch.rope)
+            if graphed is not None:
+                return graphed
+        return _EagerLayers(self.model, x, batch.rope, batch.keep_rows)
+
     def _forward(self, batch: "_FlatBatch") -> torch.Tensor:
-        model = self.model
-        x = model.embed(batch.ids)  # [T, hidden]
-        last = model.num_layers - 1
-        for i in range(model.num_layers):
-            q, k, v = model.pre_attention(i, x, batch.rope)
-            attn, ticket = self._attend(i, batch, q, k, v)
-            attn = self.collect_cpu_rows(ticket, attn, batch.num_cpu)  # [T, Hq * D]
-            if i == last:
-                # NOTE: only the sampled rows feed the logits: skip the last layer's MLP for every other token.
-                x, attn = x.index_select(0, batch.keep_rows), attn.index_select(0, batch.keep_rows)
-            x = model.post_attention(i, x, attn)
-        return x  # [len(keep_rows), hidden]
+        layers = self._layers(batch, "A")
+        for i in range(self.model.num_layers):
+            q, k, v = layers.pre(i)
+            attn, ticket = self._attend(i, batch, q, k, v, layers.attention_output())
+            self.collect_cpu_rows(ticket, attn, batch.num_cpu)
+            layers.post(i)
+        return layers.x  # [len(keep_rows), hidden]
 
     def _forward_pipelined(self, a: "_FlatBatch", b: "_FlatBatch") -> tuple[torch.Tensor, torch.Tensor]:
         """NEO's asymmetric pipeline: per layer the sidecar computes B's attention while the device runs A, and A's
         CPU rows while the device runs B. b holds CPU decodes only."""
         model = self.model
         last = model.num_layers - 1
-        xa = model.embed(a.ids) if a.num_tokens else None  # [Ta, hidden]
-        xb = model.embed(b.ids)  # [Tb, hidden]
+        la = self._layers(a, "A") if a.num_tokens else None
+        lb = self._layers(b, "B")
         ticket_b = None
         for i in range(model.num_layers):
-            if xa is not None:
+            if la is not None:
                 with self._span(f"A pre+attn L{i}"):
-                    qa, ka, va = model.pre_attention(i, xa, a.rope)
-                    attn_a, ticket_a = self._attend(i, a, qa, ka, va)
+                    qa, ka, va = la.pre(i)
+                    attn_a, ticket_a = self._attend(i, a, qa, ka, va, la.attention_output())
             if ticket_b is not None:
-                attn_b = self.collect_cpu_rows(ticket_b, attn_b, b.num_cpu)
+                self.collect_cpu_rows(ticket_b, attn_b, b.num_cpu)
                 with self._span(f"B post L{i - 1}"):
-                    xb = model.post_attention(i - 1, xb, attn_b)
+                    lb.post(i - 1)
             with self._span(f"B pre L{i}"):
-                qb, kb, vb = model.pre_attention(i, xb, b.rope)
-                attn_b, ticket_b = self._attend(i, b, qb, kb, vb)
-            if xa is not None:
-                attn_a = self.collect_cpu_rows(ticket_a, attn_a, a.num_cpu)
+                qb, kb, vb = lb.pre(i)
+                attn_b, ticket_b = self._attend(i, b, qb, kb, vb, lb.attention_output())
+            if la is not None:
+                self.collect_cpu_rows(ticket_a, attn_a, a.num_cpu)
                 with self._span(f"A post L{i}"):
-                    if i == last:
-                        xa, attn_a = xa.index_select(0, a.keep_rows), attn_a.index_select(0, a.keep_rows)
-                    xa = model.post_attention(i, xa, attn_a)
-        attn_b = self.collect_cpu_rows(ticket_b, attn_b, b.num_cpu)
+                    la.post(i)
+        self.collect_cpu_rows(ticket_b, attn_b, b.num_cpu)
         with self._span(f"B post L{last}"):
-            xb = model.post_attention(last, xb, attn_b)
-        return (xa if xa is not None else xb[:0]), xb
+            lb.post(last)
+        return (la.x if la is not None else lb.x[:0]), lb.x
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -315,10 +347,37 @@ class ModelRunner:
         slots = [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(n)]
         meta = AttentionMetadata.build(self.block_size, self.device, slots, [], [], [(0, n, 0, table)])
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        batch = _FlatBatch(name="prompt", ids=ids, rope=self.model.rope_tables(torch.arange(n, device=self.device)), meta=meta,
-                           keep_rows=torch.arange(n, device=self.device), num_cpu=0, cpu_seq_ids=[],
-                           cpu_context_lens=[])
+        batch = _FlatBatch(name="prompt", ids=ids, rope=self.model.rope_tables(torch.arange(n, device=self.device)),
+                           meta=meta, keep_rows=torch.arange(n, device=self.device), num_cpu=0, cpu_seq_ids=[],
+                           cpu_context_lens=[], decode_only=False)
         return self.model.logits(self._forward(batch))
+
+
+class _EagerLayers:
+    """One sub-batch's pass through the layers, op by op (the counterpart of layer_graphs.GraphedLayers)."""
+
+    def __init__(self, model: LlamaModel, x: torch.Tensor, rope, keep_rows: torch.Tensor):
+        self.model, self.x, self.rope, self.keep_rows = model, x, rope, keep_rows  # x [T, hidden]
+        self._q: torch.Tensor | None = None
+        self._attn: torch.Tensor | None = None
+
+    def pre(self, i: int):
+        q, k, v = self.model.pre_attention(i, self.x, self.rope)
+        self._q = q
+        return q, k, v
+
+    def attention_output(self) -> torch.Tensor:
+        """A fresh output for the layer's attention ([T, Hq * D]), read by the next `post`."""
+        q = self._q
+        self._attn = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        return self._attn
+
+    def post(self, i: int) -> None:
+        x, attn = self.x, self._attn
+        if i == self.model.num_layers - 1:
+            # NOTE: only the sampled rows feed the logits: skip the last layer's MLP for every other token.
+            x, attn = x.index_select(0, self.keep_rows), attn.index_select(0, self.keep_rows)
+        self.x = self.model.post_attention(i, x, attn)
 
 
 @dataclass
@@ -333,6 +392,7 @@ class _FlatBatch:
     num_cpu: int
     cpu_seq_ids: list[int]
     cpu_context_lens: list[int]
+    decode_only: bool  # one token per sequence, every row sampled (so a CUDA graph bucket can run it)
 
     @property
     def num_tokens(self) -> int:
@@ -380,4 +440,5 @@ class _FlatBatch:
             num_cpu=len(cpu),
             cpu_seq_ids=[s.seq.seq_id for s in cpu],
             cpu_context_lens=[s.seq.num_computed_tokens + 1 for s in cpu],
+            decode_only=not prefills and len(keep) == len(ids),
         )

@@ -111,10 +111,15 @@ def profile(runner, sidecar) -> PerfModel:
         x = torch.randn(t, mc.hidden_size, device=dev, dtype=dtype)
         attn = torch.randn(t, mc.q_size, device=dev, dtype=dtype)
         rope = model.rope_tables(torch.arange(t, device=dev) % runner.max_model_len)
+        graphed = runner.graphs.start("A", x, rope) if runner.graphs is not None else None
 
         def one_layer():
-            model.pre_attention(0, x, rope)
-            model.post_attention(0, x, attn)
+            if graphed is not None:  # as a decode-only sub-batch of t tokens runs
+                graphed.pre(0)
+                graphed.post(0)
+            else:
+                model.pre_attention(0, x, rope)
+                model.post_attention(0, x, attn)
         linear.append((t, _timed(one_layer, dev) * layers))
 
     b, ctx = 8, 512
@@ -174,7 +179,7 @@ def profile_key(runner, sidecar) -> str:  # noqa: ARG001 (the sidecar's settings
             f"kv{mc.num_kv_heads}-d{mc.head_dim}-V{mc.vocab_size}"
     cfg = runner.config
     sidecar_kind = f"{cfg.sidecar or 'spawned'}-s{cfg.cpu_attn_threads}-{cfg.cpu_kv_dtype}"
-    threads = f"t{torch.get_num_threads()}-{sidecar_kind}"
+    threads = f"t{torch.get_num_threads()}-{sidecar_kind}" + ("-graphs" if runner.graphs is not None else "")
     return "_".join(x.replace(" ", "-").replace("/", "-").replace(":", "-")
                     for x in (shape, str(runner.dtype), dev, threads))
 

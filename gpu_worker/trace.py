@@ -17,7 +17,7 @@ import torch
 @dataclass
 class Span:
     name: str
-    track: str  # "device" or "sidecar"
+    track: str  # "device", "sidecar", or "launch" (the worker's launch thread inside a hand-off call)
     start_ns: int
     end_ns: int
 
@@ -47,6 +47,11 @@ class StepTracer:
             t0 = time.monotonic_ns()
             yield
             self.spans.append(Span(name, "device", t0, time.monotonic_ns()))
+
+    def mark(self, name: str, start_ns: int) -> None:
+        """The launch thread spent [start_ns, now] in hand-off step `name` (stage, event wait, commit, sidecar
+        wait, result copy): host wall time, which is what a blocked launch thread costs the device."""
+        self.spans.append(Span(name, "launch", start_ns, time.monotonic_ns()))
 
     def finish(self, sidecar_times: dict[int, tuple[int, int]]) -> list[Span]:
         """All spans, the sidecar's included (from SidecarClient.trace), sorted by start."""
@@ -88,7 +93,7 @@ def overlap_ns(spans: list[Span], a: str = "device", b: str = "sidecar") -> int:
 def chrome_trace(spans: list[Span]) -> dict:
     """Chrome/Perfetto trace-event JSON (open in ui.perfetto.dev)."""
     t0 = min((s.start_ns for s in spans), default=0)
-    tid = {"device": 1, "sidecar": 2}
+    tid = {"device": 1, "sidecar": 2, "launch": 3}
     events = [{"name": s.name, "ph": "X", "pid": 1, "tid": tid[s.track], "ts": (s.start_ns - t0) / 1e3,
                "dur": (s.end_ns - s.start_ns) / 1e3} for s in spans]
     events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": t, "args": {"name": n}} for n, t in tid.items()]

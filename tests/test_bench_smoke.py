@@ -41,12 +41,15 @@ def test_bench_handoff_splits_calls_for_every_spin_and_batch():
 @pytest.mark.slow
 def test_trace_pipeline_records_a_pipelined_step(tmp_path):
     out = _run(["bench/trace_pipeline.py", "--model", "random:smollm2-135m", "--num-seqs", "4", "--prompt-len", "32",
-                "--out", str(tmp_path)])
+                "--cuda-graphs", "--profile", "--out", str(tmp_path)])
     m = re.search(r"pipelined step: ([\d.]+) ms; device busy ([\d.]+) ms, sidecar busy ([\d.]+) ms, both busy at "
                   r"once ([\d.]+) ms", out)
     assert m, out
     step, device, sidecar, both = (float(x) for x in m.groups())
     assert 0 < sidecar and 0 < device <= step and both <= min(device, sidecar)
+    m = re.search(r"launch thread inside hand-offs: ([\d.]+) ms .*stage [\d.]+ ms \((\d+) x", out)
+    assert m and 0 < float(m.group(1)) < step and int(m.group(2)) > 0, out
+    assert "aten::" in (tmp_path / "pipeline_profile.txt").read_text()
     events = json.loads((tmp_path / "pipeline_trace.json").read_text())["traceEvents"]
     names = {e["name"] for e in events if e["ph"] == "X"}
     assert any(n.startswith("attn A") for n in names) and any(n.startswith("attn B") for n in names)

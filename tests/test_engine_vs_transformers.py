@@ -121,3 +121,23 @@ def test_greedy_with_preemption_matches_transformers(prompts, reference):
     engine = LLMEngine(EngineConfig(gpu_kv_tokens=1600, max_num_batched_tokens=512, device=DEVICE, dtype="float32"))
     assert _run(engine, prompts, [0] * len(prompts)) == reference
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_greedy_with_layer_graphs_matches_transformers(prompts, reference):
+    """Decode-only steps replay each layer's projections and MLP from graphs over padded static buffers (real CUDA
+    graphs with NEOSERVE_TEST_DEVICE=cuda; on the CPU the same buffers run eagerly). Staggered arrivals give every
+    batch size from 1 to 8, so decodes run in buckets 1, 2, 4 (3 padded to 4) and eagerly above the largest (4)."""
+    engine = LLMEngine(EngineConfig(seed=0, device=DEVICE, dtype="float32", cuda_graphs=True, cuda_graph_max_batch=4))
+    assert engine.runner.graphs is not None and engine.runner.graphs.buckets == [1, 2, 4]
+    graphed = []
+    start = engine.runner.graphs.start
+
+    def counting_start(role, x, rope):
+        run = start(role, x, rope)
+        graphed.append(x.shape[0] if run is not None else 0)
+        return run
+
+    engine.runner.graphs.start = counting_start
+    assert _run(engine, prompts, [0, 0, 3, 5, 5, 9, 14, 20]) == reference
+    # Sizes 1 and 2 fill their buckets, 3 pads to 4, and 0 marks decode-only batches above 4 that ran eagerly.
+    assert {0, 1, 2, 3} <= set(graphed), graphed

@@ -28,9 +28,12 @@ def prompts(tokenizer):
     return out
 
 
-def _run(config: EngineConfig, prompts, stagger: int = 2, always_move: bool = False) -> tuple[list[list[int]], object]:
+def _run(config: EngineConfig, prompts, stagger: int = 2, always_move: bool = False,
+         on_start=None) -> tuple[list[list[int]], object]:
     config.device, config.dtype = DEVICE, "float32"  # exact comparisons need fp32 wherever the device is
     engine = LLMEngine(config)
+    if on_start is not None:
+        on_start(engine)
     if always_move:
         # NOTE: a planner without a cost model moves sequences to the CPU wherever GPU room runs out. The profiled
         # one decides by this machine's timings, which would make the migrations this test checks depend on load;
@@ -79,4 +82,25 @@ def test_auto_with_tiny_gpu_budget_migrates_and_matches(prompts, gpu_only):
     assert stats.num_swap_outs > 0 and stats.num_swap_ins > 0, "no GPU -> CPU -> GPU migration happened"
     assert 0 < stats.num_cpu_decodes < stats.num_decodes
     assert stats.num_preemptions == 0, "auto must move KV to the CPU instead of recomputing"
+    assert tokens == gpu_only
+
+
+def test_pipeline_with_layer_graphs_matches(prompts, gpu_only):
+    """Both sub-batches of the pipeline on their own graph buffers (roles A and B), buckets up to 4."""
+    roles = set()
+
+    def count_roles(engine):
+        start = engine.runner.graphs.start
+
+        def counting_start(role, x, rope):
+            run = start(role, x, rope)
+            if run is not None:
+                roles.add(role)
+            return run
+
+        engine.runner.graphs.start = counting_start
+
+    tokens, stats = _run(EngineConfig(mode="cpu-all", threads=1, cpu_kv_gib=0.25, cuda_graphs=True,
+                                      cuda_graph_max_batch=4), prompts, on_start=count_roles)
+    assert stats.num_pipelined_steps > 0 and roles == {"A", "B"}
     assert tokens == gpu_only
