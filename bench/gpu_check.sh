@@ -14,6 +14,8 @@
 #   cuda-vs-cpu  bench/cuda_vs_cpu.py: greedy tokens + teacher-forced logits, cuda bf16/fp32 vs cpu fp32 (SmolLM2)
 #   cpu-attn     bench/bench_cpu_attn.py --quick   (if present)
 #   ring         bench/bench_ring.py --quick       (if present)
+#   decode-step  bench/bench_decode_step.py: gpu-only decode step time with layer CUDA graphs vs eager (batch 1, 8,
+#                32), and the weight bytes read per second against the device's copy bandwidth
 #   handoff      bench/bench_handoff.py --quick: one sidecar call split into kernel / handler / transport time, with
 #                the rings' spin at 50 and 3000 us
 #   trace        bench/trace_pipeline.py on random:llama-3-8b, bf16: one pipelined step's device and sidecar busy
@@ -198,6 +200,11 @@ fi
 
 # NOTE: the sidecar gets the cores the serve stage's launcher would give it (all but the worker's and the gateway's).
 TRACE_THREADS=$(( $(nproc) > 4 ? $(nproc) - 3 : 1 ))
+
+# --- decode step: layer CUDA graphs vs eager, same run --------------------------------------------------------------
+run_stage decode-step 90 "$PY" bench/bench_decode_step.py --model "$SERVE_MODEL" --device "$CHECK_DEVICE" \
+  --dtype bfloat16 --batches 1,8,32 --steps 10
+set_note "$(grep -E '^ +(1|8|32) ' "$WORK/decode-step.log" | tr -s ' ' | cut -d' ' -f2-5 | tr '\n' ';')"
 
 # --- where a sidecar call's time goes (kernel, handler, transport), ring spin 50 vs 3000 us ------------------------
 run_stage handoff 60 "$PY" bench/bench_handoff.py --threads "$TRACE_THREADS" --quick --spin-us 50,3000

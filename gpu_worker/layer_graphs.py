@@ -8,7 +8,10 @@ issues them twice per layer, once per sub-batch. A captured graph is one launch.
 A sub-batch of T decode tokens runs in the graphs of the smallest bucket (a power of two) >= T; the padding rows
 compute values nothing reads (every row is independent outside attention). Each sub-batch role of the pipeline
 ("A", "B") has its own static buffers, because both residual streams are live at once; the buckets of one role
-share them (a graph of bucket b works on the first b rows).
+share them (a graph of bucket b works on the first b rows). gpu-only captures role A only.
+
+NOTE: a graph computes its bucket's rows, not the batch's, so in low precision its results can differ from the
+eager step's in the last bits (GEMM kernels are chosen per shape); in fp32 they match transformers as eager does.
 
 On the CPU there is nothing to capture: `LayerGraphs(..., capture=False)` runs the same functions eagerly on the
 same static buffers, so the CPU tests exercise the padding and buffer logic the CUDA path relies on.
@@ -16,6 +19,7 @@ same static buffers, so the CPU tests exercise the padding and buffer logic the 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -61,6 +65,9 @@ class GraphedLayers:
         self.num_tokens = n = x.shape[0]
         buf = graphs.buffers[role]
         buf.x[:n].copy_(x)
+        # NOTE: padding rows restart from zero: left alone they would carry the last step's hidden states through
+        # the layers again and again (harmless, as nothing reads them, but never bounded).
+        buf.x[n:bucket].zero_()
         buf.cos[:n].copy_(rope[0])
         buf.sin[:n].copy_(rope[1])
         self._buf = buf
@@ -85,11 +92,12 @@ class GraphedLayers:
 class LayerGraphs:
     """pre_attention / post_attention of every layer, per role and bucket, captured once at start-up."""
 
-    def __init__(self, model: LlamaModel, max_batch: int, capture: bool):
+    def __init__(self, model: LlamaModel, max_batch: int, capture: bool, roles: tuple[str, ...] = ROLES):
         c = model.config
         self.model = model
         self.buckets = buckets_up_to(max_batch)
         self.capture_graphs = capture
+        self.roles = roles
         dev, dt, n = model.device, model.dtype, self.buckets[-1]
         # NOTE: zeros, so padding rows start finite; they stay finite (rows never mix outside attention).
         self.buffers = {role: _Buffers(
@@ -100,7 +108,7 @@ class LayerGraphs:
             k=torch.zeros(n, c.num_kv_heads, c.head_dim, device=dev, dtype=dt),
             v=torch.zeros(n, c.num_kv_heads, c.head_dim, device=dev, dtype=dt),
             attn=torch.zeros(n, c.q_size, device=dev, dtype=dt),
-        ) for role in ROLES}
+        ) for role in roles}
         # (role, bucket) -> per layer: (pre, post) replays
         self._runs: dict[tuple[str, int], list[tuple[Callable[[], None], Callable[[], None]]]] = {}
 
@@ -112,9 +120,10 @@ class LayerGraphs:
         return None
 
     def start(self, role: str, x: torch.Tensor, rope) -> GraphedLayers | None:
-        """A pass of x [T, hidden] (with its rope tables [T, 1, D]) through role's graphs; None if T has no bucket."""
+        """A pass of x [T, hidden] (with its rope tables [T, 1, D]) through role's graphs; None if T has no bucket
+        (or the role has no graphs)."""
         bucket = self.bucket(x.shape[0])
-        if bucket is None:
+        if bucket is None or role not in self.buffers:
             return None
         return GraphedLayers(self, role, bucket, x, rope)
 
@@ -128,20 +137,27 @@ class LayerGraphs:
         stream = torch.cuda.Stream() if self.capture_graphs else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
+            # NOTE: as torch.cuda.graph does before each capture, once for all of them: no garbage collection (and
+            # so no arbitrary destructors) may run while a stream captures.
+            gc.collect()
+            gc.disable()
         try:
             # NOTE: largest buckets first, as vLLM does: later (smaller) captures reuse the pool's larger blocks.
-            for role in ROLES:
+            for role in self.roles:
                 for bucket in reversed(self.buckets):
                     self._runs[role, bucket] = [(self._graph(self._pre_fn(role, bucket, i), pool, stream),
                                                  self._graph(self._post_fn(role, bucket, i), pool, stream))
                                                 for i in range(self.model.num_layers)]
         finally:
             if stream is not None:
+                gc.enable()
                 torch.cuda.current_stream().wait_stream(stream)
                 torch.cuda.synchronize()
+                # NOTE: the warm-ups' temporaries are cached for the capture stream, which nothing uses again.
+                torch.cuda.empty_cache()
         if self.capture_graphs:
             log.info("captured %d CUDA graphs (buckets %s, roles %s) in %.1f s", 2 * len(self._runs) *
-                     self.model.num_layers, self.buckets, ",".join(ROLES), time.perf_counter() - t0)
+                     self.model.num_layers, self.buckets, ",".join(self.roles), time.perf_counter() - t0)
 
     def _pre_fn(self, role: str, bucket: int, i: int) -> Callable[[], None]:
         b, model = self.buffers[role], self.model

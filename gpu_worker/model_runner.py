@@ -83,8 +83,10 @@ class ModelRunner:
                  self.device, self.dtype, mc.num_layers, self.num_gpu_blocks, self.block_size, self.max_model_len)
 
     def _capture_graphs(self) -> LayerGraphs | None:
+        # NOTE: gpu-only never pipelines, so it needs no second sub-batch's graphs (half the capture time).
+        roles = ("A",) if self.config.mode == "gpu-only" else ("A", "B")
         graphs = LayerGraphs(self.model, min(self.config.max_num_seqs, self.config.cuda_graph_max_batch),
-                             capture=self.device.type == "cuda")
+                             capture=self.device.type == "cuda", roles=roles)
         try:
             graphs.capture()
         except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than not at all
@@ -215,7 +217,7 @@ class ModelRunner:
                                            self.model.scale)
             except BaseException:
                 if staged is not None:
-                    self.sidecar.cancel_attention(staged[0])
+                    self._cancel_staged(*staged)
                 raise
         ticket = None
         if nc:
@@ -239,7 +241,7 @@ class ModelRunner:
             for dst, src in ((request.q, q), (request.k, k), (request.v, v)):
                 dst.copy_(src[:nc], non_blocking=src.is_cuda)
         except BaseException:
-            self.sidecar.cancel_attention(request)
+            self._cancel_staged(request, None, q.is_cuda)
             raise
         ready = None
         if q.is_cuda:
@@ -248,6 +250,14 @@ class ModelRunner:
         if self.tracer is not None:
             self.tracer.mark("stage", t0)
         return request, ready
+
+    def _cancel_staged(self, request, ready, on_cuda: bool = True) -> None:
+        """Gives a staged request's slot back. NOTE: only after its copies are done: a DMA still in flight would
+        overwrite whatever the next request writes into the same bytes."""
+        if on_cuda:
+            with contextlib.suppress(Exception):
+                (ready if ready is not None else torch.cuda.current_stream()).synchronize()
+        self.sidecar.cancel_attention(request)
 
     def submit_cpu_rows(self, staged) -> int:
         """Sends a staged request once its copies are done; returns its ticket."""

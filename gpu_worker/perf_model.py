@@ -2,8 +2,9 @@
 start-up and cached in a JSON file.
 
 It predicts, for one whole forward (all layers):
-- gpu_time(tokens, context): projections + MLP of `tokens` tokens on the worker device (interpolated between
-  profiled batch sizes) plus device decode attention per context token;
+- gpu_time(tokens, context, decode_only): projections + MLP of `tokens` tokens on the worker device (interpolated
+  between profiled batch sizes; with --cuda-graphs, decode-only batches up to the largest bucket from graph replays)
+  plus device decode attention per context token;
 - cpu_time(batch, context): one sub-batch's hand-off to the sidecar and its decode attention, per layer summed
   over layers, measured through the worker's own hand-off (ModelRunner.stage_cpu_rows / submit_cpu_rows /
   collect_cpu_rows: device -> request ring slot, event wait, the sidecar's kernel with the new token's K/V
@@ -20,7 +21,7 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 LINEAR_POINTS = (1, 8, 32, 128, 512)
 PROFILE_SEQ_ID_BASE = 2**62  # sequence ids no request uses
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -47,14 +48,15 @@ class PerfModel:
     cpu_attn_per_seq: float  # seconds per sequence in it, all layers
     cpu_attn_per_token: float  # seconds per context token, all layers
 
-    def gpu_time(self, num_tokens: int, context_tokens: int) -> float:
+    # (tokens, seconds) as decode-only batches run with --cuda-graphs (up to the largest graph bucket); empty without
+    linear_graphs: list[tuple[int, float]] = field(default_factory=list)
+
+    def gpu_time(self, num_tokens: int, context_tokens: int, decode_only: bool = False) -> float:
         if num_tokens <= 0:
             return 0.0
-        xs = [p[0] for p in self.linear]
-        i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
-        (x0, y0), (x1, y1) = self.linear[i - 1], self.linear[i]
-        linear = y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)  # extrapolates linearly past the last point
-        return max(linear, 0.0) + context_tokens * self.gpu_attn_per_token
+        graphed = decode_only and self.linear_graphs and num_tokens <= self.linear_graphs[-1][0]
+        linear = _interpolate(self.linear_graphs if graphed else self.linear, num_tokens)
+        return linear + context_tokens * self.gpu_attn_per_token
 
     def cpu_time(self, batch: int, context_tokens: int) -> float:
         if batch <= 0:
@@ -64,6 +66,8 @@ class PerfModel:
     def describe(self) -> str:
         """One line of what the scheduler plans with (logged at start-up; BENCHMARKS.md readings quote it)."""
         linear = ", ".join(f"{t} tok {1e3 * sec:.2f} ms" for t, sec in self.linear)
+        if self.linear_graphs:
+            linear += " (graphs: " + ", ".join(f"{t} tok {1e3 * sec:.2f} ms" for t, sec in self.linear_graphs) + ")"
         return (f"performance model: device forward {linear}; device attention {1e9 * self.gpu_attn_per_token:.1f} "
                 f"ns/context token; CPU sub-batch {1e3 * self.cpu_attn_base:.2f} ms + "
                 f"{1e3 * self.cpu_attn_per_seq:.3f} ms/sequence + {1e9 * self.cpu_attn_per_token:.1f} ns/context "
@@ -84,7 +88,18 @@ class PerfModel:
         if data.pop("version", None) != FORMAT_VERSION:
             return None
         data["linear"] = [tuple(p) for p in data["linear"]]
+        data["linear_graphs"] = [tuple(p) for p in data.get("linear_graphs", [])]
         return cls(**data)
+
+
+def _interpolate(points: list[tuple[int, float]], x: int) -> float:
+    """Piecewise-linear through (tokens, seconds) points; extrapolates linearly past either end."""
+    if len(points) == 1:
+        return points[0][1]
+    xs = [p[0] for p in points]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 
 
 def _timed(fn, device: torch.device, reps: int = 3) -> float:
@@ -106,21 +121,30 @@ def profile(runner, sidecar) -> PerfModel:
     """Measures the running worker (runner: ModelRunner) and its sidecar (SidecarClient)."""
     model, mc, dev, dtype = runner.model, runner.model_config, runner.device, runner.dtype
     layers = mc.num_layers
-    linear = []
-    for t in LINEAR_POINTS:
+    linear, linear_graphs = [], []
+    graphs = runner.graphs
+    # NOTE: decode-only batches up to the largest bucket replay graphs, the others (prefills, bigger batches) run
+    # eagerly: one curve each, as launch overheads make them differ most at small sizes.
+    graph_points = sorted({t for t in LINEAR_POINTS if t <= graphs.buckets[-1]} | {graphs.buckets[-1]}) \
+        if graphs is not None else []
+    for t in sorted(set(LINEAR_POINTS) | set(graph_points)):
         x = torch.randn(t, mc.hidden_size, device=dev, dtype=dtype)
         attn = torch.randn(t, mc.q_size, device=dev, dtype=dtype)
         rope = model.rope_tables(torch.arange(t, device=dev) % runner.max_model_len)
-        graphed = runner.graphs.start("A", x, rope) if runner.graphs is not None else None
 
-        def one_layer():
-            if graphed is not None:  # as a decode-only sub-batch of t tokens runs
+        def eager_layer():
+            model.pre_attention(0, x, rope)
+            model.post_attention(0, x, attn)
+
+        if t in LINEAR_POINTS:
+            linear.append((t, _timed(eager_layer, dev) * layers))
+        if t in graph_points:
+            graphed = graphs.start("A", x, rope)
+
+            def graph_layer():
                 graphed.pre(0)
                 graphed.post(0)
-            else:
-                model.pre_attention(0, x, rope)
-                model.post_attention(0, x, attn)
-        linear.append((t, _timed(one_layer, dev) * layers))
+            linear_graphs.append((t, _timed(graph_layer, dev) * layers))
 
     b, ctx = 8, 512
     q = torch.randn(b, mc.num_heads, mc.head_dim, device=dev, dtype=dtype)
@@ -131,7 +155,7 @@ def profile(runner, sidecar) -> PerfModel:
     cpu_base, cpu_per_seq, cpu_per_token = _profile_hand_off(runner, sidecar)
     return PerfModel(key=profile_key(runner, sidecar), linear=linear, gpu_attn_per_token=gpu_attn,
                      cpu_attn_base=cpu_base * layers, cpu_attn_per_seq=cpu_per_seq * layers,
-                     cpu_attn_per_token=cpu_per_token * layers)
+                     cpu_attn_per_token=cpu_per_token * layers, linear_graphs=linear_graphs)
 
 
 def _profile_hand_off(runner, sidecar) -> tuple[float, float, float]:
@@ -179,7 +203,8 @@ def profile_key(runner, sidecar) -> str:  # noqa: ARG001 (the sidecar's settings
             f"kv{mc.num_kv_heads}-d{mc.head_dim}-V{mc.vocab_size}"
     cfg = runner.config
     sidecar_kind = f"{cfg.sidecar or 'spawned'}-s{cfg.cpu_attn_threads}-{cfg.cpu_kv_dtype}"
-    threads = f"t{torch.get_num_threads()}-{sidecar_kind}" + ("-graphs" if runner.graphs is not None else "")
+    graphs = f"-graphs{runner.graphs.buckets[-1]}" if runner.graphs is not None else ""
+    threads = f"t{torch.get_num_threads()}-{sidecar_kind}{graphs}"
     return "_".join(x.replace(" ", "-").replace("/", "-").replace(":", "-")
                     for x in (shape, str(runner.dtype), dev, threads))
 

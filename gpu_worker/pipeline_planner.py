@@ -24,9 +24,10 @@ from gpu_worker.sequence import Sequence
 
 
 class CostModel(Protocol):
-    def gpu_time(self, num_tokens: int, context_tokens: int) -> float:
+    def gpu_time(self, num_tokens: int, context_tokens: int, decode_only: bool = False) -> float:
         """Seconds for one forward over all layers on the worker device: projections/MLP of num_tokens tokens
-        plus paged attention over context_tokens (the GPU decodes' contexts)."""
+        plus paged attention over context_tokens (the GPU decodes' contexts). decode_only: no prefill chunk among
+        the tokens (such a batch may replay CUDA graphs)."""
 
     def cpu_time(self, batch: int, context_tokens: int) -> float:
         """Seconds of sidecar attention over all layers for `batch` decodes with context_tokens in total,
@@ -74,13 +75,15 @@ class PipelinePlanner:
     def _within_bound(self, t: float) -> bool:  # a planned step always has CPU decodes
         return self.latency_bound_s is None or t + self._overhead(True) <= self.latency_bound_s
 
-    def iteration_time(self, gpu_tokens: int, gpu_context: int, a: list[Sequence], b: list[Sequence]) -> float:
+    def iteration_time(self, gpu_tokens: int, gpu_context: int, a: list[Sequence], b: list[Sequence],
+                       prefill: bool = False) -> float:
+        """prefill: the GPU work (sub-batch A) includes prefill chunks."""
         c = self.cost
-        gpu_a = c.gpu_time(gpu_tokens + len(a), gpu_context)
+        gpu_a = c.gpu_time(gpu_tokens + len(a), gpu_context, decode_only=not prefill)
         cpu_a = c.cpu_time(len(a), _context(a)) if a else 0.0
         if not b:  # one batch: the GPU waits for the CPU attention of A in every layer
             return gpu_a + cpu_a
-        return max(gpu_a, c.cpu_time(len(b), _context(b))) + max(c.gpu_time(len(b), 0), cpu_a)
+        return max(gpu_a, c.cpu_time(len(b), _context(b))) + max(c.gpu_time(len(b), 0, decode_only=True), cpu_a)
 
     def decode_step_time(self, gpu_seqs: list[Sequence], cpu_seqs: list[Sequence]) -> float:
         """Predicted seconds of a decode-only step (learnt overhead included); needs a cost model."""
@@ -88,7 +91,7 @@ class PipelinePlanner:
         if cpu_seqs:
             t = self._plan(len(gpu_seqs), gpu_ctx, cpu_seqs, bounded=False).estimated_time
         else:
-            t = self.cost.gpu_time(len(gpu_seqs), gpu_ctx)
+            t = self.cost.gpu_time(len(gpu_seqs), gpu_ctx, decode_only=True)
         return t + self._overhead(bool(cpu_seqs))
 
     def admits(self, gpu_seqs: list[Sequence], cpu_seqs: list[Sequence], moved: list[Sequence],
@@ -135,11 +138,13 @@ class PipelinePlanner:
             return True
         return (len(after[0]) + len(after[1])) / t_after >= n_before / self.decode_step_time(*before)
 
-    def plan(self, gpu_tokens: int, gpu_context_tokens: int, cpu_seqs: list[Sequence]) -> PipelinePlan:
-        return self._plan(gpu_tokens, gpu_context_tokens, cpu_seqs, bounded=True)
+    def plan(self, gpu_tokens: int, gpu_context_tokens: int, cpu_seqs: list[Sequence],
+             prefill: bool = False) -> PipelinePlan:
+        """prefill: the step's GPU work includes prefill chunks."""
+        return self._plan(gpu_tokens, gpu_context_tokens, cpu_seqs, bounded=True, prefill=prefill)
 
     def _plan(self, gpu_tokens: int, gpu_context_tokens: int, cpu_seqs: list[Sequence], *,
-              bounded: bool) -> PipelinePlan:
+              bounded: bool, prefill: bool = False) -> PipelinePlan:
         """The split; `bounded=False` runs every decode (what a step with all of them would take)."""
         if self.cost is None:
             return self._halves(cpu_seqs)
@@ -148,8 +153,8 @@ class PipelinePlanner:
         plan = PipelinePlan()
         a, b = plan.sub_batch_a, plan.sub_batch_b
         for seq in order:
-            t_a = self.iteration_time(gpu_tokens, gpu_context_tokens, a + [seq], b)
-            t_b = self.iteration_time(gpu_tokens, gpu_context_tokens, a, b + [seq])
+            t_a = self.iteration_time(gpu_tokens, gpu_context_tokens, a + [seq], b, prefill)
+            t_b = self.iteration_time(gpu_tokens, gpu_context_tokens, a, b + [seq], prefill)
             best = min(t_a, t_b)
             must_run = seq.cpu_wait_steps >= self.max_wait_steps
             if bounded and not self._within_bound(best) and not must_run:
@@ -157,8 +162,8 @@ class PipelinePlanner:
                 continue
             (a if t_a <= t_b else b).append(seq)
         # Pipelining splits the GPU's matmuls in two; keep one batch when that is faster.
-        t_pipe = self.iteration_time(gpu_tokens, gpu_context_tokens, a, b)
-        t_single = self.iteration_time(gpu_tokens, gpu_context_tokens, a + b, [])
+        t_pipe = self.iteration_time(gpu_tokens, gpu_context_tokens, a, b, prefill)
+        t_single = self.iteration_time(gpu_tokens, gpu_context_tokens, a + b, [], prefill)
         if b and t_single <= t_pipe:
             a.extend(b)
             b.clear()

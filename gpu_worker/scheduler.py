@@ -182,7 +182,8 @@ class Scheduler:
         self._plan_cpu(out, cpu_work)
         if self.planner.cost is not None and out.estimated_time is None and not out.is_empty():
             out.estimated_time = self.planner.cost.gpu_time(
-                sum(s.num_new_tokens for s in out.decodes + out.prefills), sum(s.seq.num_tokens for s in out.decodes))
+                sum(s.num_new_tokens for s in out.decodes + out.prefills), sum(s.seq.num_tokens for s in out.decodes),
+                decode_only=not out.prefills)
         return out
 
     # --- placement ----------------------------------------------------------------------------------------------------
@@ -328,6 +329,7 @@ class Scheduler:
             gpu_tokens=sum(s.num_new_tokens for s in out.decodes + out.prefills),
             gpu_context_tokens=sum(s.seq.num_tokens for s in out.decodes),
             cpu_seqs=[s.seq for s in cpu_work],
+            prefill=bool(out.prefills),
         )
         by_seq = {s.seq.seq_id: s for s in cpu_work}
         out.cpu_decodes_a = [by_seq[q.seq_id] for q in plan.sub_batch_a]

@@ -53,3 +53,14 @@ def test_trace_pipeline_records_a_pipelined_step(tmp_path):
     events = json.loads((tmp_path / "pipeline_trace.json").read_text())["traceEvents"]
     names = {e["name"] for e in events if e["ph"] == "X"}
     assert any(n.startswith("attn A") for n in names) and any(n.startswith("attn B") for n in names)
+
+
+@pytest.mark.slow
+def test_decode_step_benchmark_compares_graphs_with_eager():
+    out = _run(["bench/bench_decode_step.py", "--model", "random:smollm2-135m", "--batches", "1,3", "--steps", "2",
+                "--prompt-len", "16", "--threads", "1"])
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s+[\d.]+", line)]
+    assert [r[0] for r in rows] == ["1", "3"], out
+    for r in rows:
+        eager, graphs = float(r[1]), float(r[2])
+        assert eager > 0 and graphs > 0 and r[3] == f"{eager / graphs:.2f}x"

@@ -134,7 +134,7 @@ from gpu_worker.sequence import KVLocation  # noqa: E402
 class FakeCost:
     """GPU: 1 ms + 0.01 ms per token; CPU attention: 0.001 ms per context token."""
 
-    def gpu_time(self, num_tokens: int, context_tokens: int) -> float:
+    def gpu_time(self, num_tokens: int, context_tokens: int, decode_only: bool = False) -> float:
         return (1.0 + 0.01 * num_tokens) * 1e-3 if num_tokens else 0.0
 
     def cpu_time(self, batch: int, context_tokens: int) -> float:
