@@ -126,15 +126,8 @@ def _check_index(name: str, a: np.ndarray, dtype: type, n: int | None = None) ->
                                     + (f" of length {n}" if n is not None else ""))
 
 
-def paged_attention(geom: Geometry, layer: int, table: np.ndarray, row_tokens: np.ndarray, rows: np.ndarray,
-                    context_lens: np.ndarray, q: torch.Tensor, out: torch.Tensor, scale: float,
-                    num_threads: int) -> None:
-    """out[b] = softmax(q[b] K_b^T * scale) V_b over positions [0, context_lens[b]) of table row rows[b].
-
-    table: [num_rows, stride] int32 block ids; row_tokens: [num_rows] int64, positions each row's blocks hold
-    valid data for (the native side refuses a context length outside [1, row_tokens[row]]); rows,
-    context_lens: [B] int64.
-    """
+def _check_attention(geom: Geometry, layer: int, table: np.ndarray, row_tokens: np.ndarray, rows: np.ndarray,
+                     context_lens: np.ndarray, q: torch.Tensor, out: torch.Tensor) -> None:
     batch = rows.shape[0]
     if q.dim() != 3 or q.shape[0] != batch or q.shape[2] != geom.head_dim or q.shape[1] % geom.num_kv_heads:
         raise ValidationError("q", f"expected [B={batch}, Hq (multiple of {geom.num_kv_heads}), {geom.head_dim}], "
@@ -148,6 +141,18 @@ def paged_attention(geom: Geometry, layer: int, table: np.ndarray, row_tokens: n
         raise ValidationError("table", "expected a contiguous 2-D int32 array")
     if not 0 <= layer < geom.num_layers:
         raise ValidationError("layer", f"must be in [0, {geom.num_layers}), got {layer}")
+
+
+def paged_attention(geom: Geometry, layer: int, table: np.ndarray, row_tokens: np.ndarray, rows: np.ndarray,
+                    context_lens: np.ndarray, q: torch.Tensor, out: torch.Tensor, scale: float,
+                    num_threads: int) -> None:
+    """out[b] = softmax(q[b] K_b^T * scale) V_b over positions [0, context_lens[b]) of table row rows[b].
+
+    table: [num_rows, stride] int32 block ids; row_tokens: [num_rows] int64, positions each row's blocks hold
+    valid data for (the native side refuses a context length outside [1, row_tokens[row]]); rows,
+    context_lens: [B] int64.
+    """
+    _check_attention(geom, layer, table, row_tokens, rows, context_lens, q, out)
     try:
         _native.attention(geom.as_tuple, layer, table, table.shape[1], row_tokens, rows, context_lens,
                           q.data_ptr(), q.shape[1], out.data_ptr(), float(scale), int(num_threads))
@@ -162,23 +167,13 @@ def decode(geom: Geometry, layer: int, table: np.ndarray, row_tokens: np.ndarray
     at positions context_lens - 1, advance row_tokens, then paged_attention (same arguments). row_blocks: [num_rows]
     int64, blocks each row holds. The native side checks the context lengths against row_tokens and row_blocks
     before it writes anything."""
-    batch = rows.shape[0]
-    if q.dim() != 3 or q.shape[0] != batch or q.shape[2] != geom.head_dim or q.shape[1] % geom.num_kv_heads:
-        raise ValidationError("q", f"expected [B={batch}, Hq (multiple of {geom.num_kv_heads}), {geom.head_dim}], "
-                                   f"got {list(q.shape)}")
-    _check_f32("q", q, tuple(q.shape))
-    _check_f32("out", out, tuple(q.shape))
+    _check_attention(geom, layer, table, row_tokens, rows, context_lens, q, out)
     if (k is None) != (v is None):
         raise ValidationError("k", "give both k and v, or neither")
     if k is not None:
-        _check_f32("k", k, (batch, geom.num_kv_heads, geom.head_dim))
-        _check_f32("v", v, (batch, geom.num_kv_heads, geom.head_dim))
-    _check_index("rows", rows, np.int64)
-    _check_index("context_lens", context_lens, np.int64, batch)
-    _check_index("row_tokens", row_tokens, np.int64)
+        _check_f32("k", k, (rows.shape[0], geom.num_kv_heads, geom.head_dim))
+        _check_f32("v", v, (rows.shape[0], geom.num_kv_heads, geom.head_dim))
     _check_index("row_blocks", row_blocks, np.int64, row_tokens.shape[0])
-    if table.dtype != np.int32 or table.ndim != 2 or not table.flags.c_contiguous:
-        raise ValidationError("table", "expected a contiguous 2-D int32 array")
     try:
         _native.decode(geom.as_tuple, layer, table, table.shape[1], row_tokens, row_blocks, rows, context_lens,
                        q.data_ptr(), q.shape[1], 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),

@@ -901,6 +901,21 @@ static int parse_geom(PyObject *t, Geom *g) {
     return 0;
 }
 
+/* Runs a checked attention batch with the GIL released; 0, or -1 with MemoryError set. */
+static int attend(const Geom *g, int layer, const int32_t *table, int64_t stride, const int64_t *rows,
+                  const int64_t *ctx, unsigned long long q, int hq, unsigned long long out, float scale, Py_ssize_t B,
+                  int nthreads) {
+    Job job = {g, layer, table, stride, rows, ctx, (const float *)(uintptr_t)q, (float *)(uintptr_t)out, hq,
+               hq / g->hkv, scale};
+    int rc = 0;
+    if (B > 0) {
+        Py_BEGIN_ALLOW_THREADS rc = run_attention(&job, (int)B, nthreads);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc < 0) PyErr_NoMemory();
+    return rc;
+}
+
 /*
  * attention(geom, layer, table, table_stride, row_tokens, rows, ctx, q, hq, out, scale, nthreads)
  * table: int32 [num_rows, table_stride] block ids; row_tokens: int64 [num_rows] tokens stored per row (the
@@ -938,18 +953,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    Job job = {&g, layer, (const int32_t *)table.buf, stride, rw, cx, (const float *)(uintptr_t)q,
-               (float *)(uintptr_t)out, hq, hq / g.hkv, scale};
-    int rc = 0;
-    if (B > 0) {
-        Py_BEGIN_ALLOW_THREADS rc = run_attention(&job, (int)B, nthreads);
-        Py_END_ALLOW_THREADS
-    }
-    if (rc < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    if (attend(&g, layer, table.buf, stride, rw, cx, q, hq, out, scale, B, nthreads) == 0) result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&table);
     PyBuffer_Release(&row_tokens);
@@ -1034,7 +1038,6 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         blocks[b] = tb[rw[b] * stride + pos / g.bs];
         offs[b] = (int32_t)(pos % g.bs);
     }
-    int rc = 0;
     if (B > 0) {
         if (has_kv) {
             Py_BEGIN_ALLOW_THREADS
@@ -1044,16 +1047,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         if (has_kv)
             for (Py_ssize_t b = 0; b < B; b++)
                 if (rt[rw[b]] < cx[b]) rt[rw[b]] = cx[b];
-        Job job = {&g, layer, tb, stride, rw, cx, (const float *)(uintptr_t)q, (float *)(uintptr_t)out, hq, hq / g.hkv,
-                   scale};
-        Py_BEGIN_ALLOW_THREADS rc = run_attention(&job, (int)B, nthreads);
-        Py_END_ALLOW_THREADS
     }
-    if (rc < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    if (attend(&g, layer, tb, stride, rw, cx, q, hq, out, scale, B, nthreads) == 0) result = Py_NewRef(Py_None);
 done:
     free(blocks);
     free(offs);
