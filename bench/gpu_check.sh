@@ -37,11 +37,12 @@
 #
 # On the device tool (one call carries at most 64 MiB; prepare with bench/gpu_prepare.sh), in this order, each call
 # right after the previous one returns (the machine keeps what it was sent while it stays warm, 30 s):
-#   run("SKIP_STAGES='pytest-cuda cuda-vs-cpu' GPU_CHECK_BUDGET_S=470 bash bench/gpu_check.sh",
-#       carry=[".gpu/whl"], timeout_s=520)                       # kernel, ring, trace, serving: no model file needed
+#   run("SKIP_STAGES='pytest-cuda cuda-vs-cpu cpu-attn ring' GPU_CHECK_BUDGET_S=470 bash bench/gpu_check.sh",
+#       carry=[".gpu/whl"], timeout_s=520)       # decode step, hand-off, trace, serving: no model file needed
 #   run("true", carry=[".gpu/whl", ".gpu/model_a"])             # first half of the embedded GGUF
-#   run("SKIP_STAGES='cpu-attn ring handoff trace serve' GPU_CHECK_BUDGET_S=200 bash bench/gpu_check.sh",
+#   run("SKIP_STAGES='cpu-attn ring decode-step handoff trace serve' GPU_CHECK_BUDGET_S=200 bash bench/gpu_check.sh",
 #       carry=[".gpu/whl", ".gpu/model_b"], timeout_s=240)       # CUDA correctness against transformers / the CPU
+# (cpu-attn and ring were measured on an H200 host on 2026-11-26, BENCHMARKS.md; run them on a new kind of host.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
