@@ -208,11 +208,12 @@ class CpuKVCache:
         paged_attention(self.geometry, layer, self._table, self._tokens, self._rows(seq_ids),
                         _ints(context_lens, "context_lens"), q, out, scale, self.num_threads)
 
-    def decode(self, layer: int, seq_ids: IntsLike, context_lens: IntsLike, q: torch.Tensor, k: torch.Tensor | None,
-               v: torch.Tensor | None, out: torch.Tensor, scale: float) -> None:
-        """One layer of a decode step, as the sidecar serves it: stores each new token's K/V (k, v [B, Hkv, D]
-        fp32, or None when an earlier call stored them) at position context_lens[b] - 1, reserving blocks as
-        needed, then writes attention over [0, context_lens[b]) into out (as `attention`).
+    def decode(self, layer: int, seq_ids: IntsLike, context_lens: IntsLike, q: torch.Tensor,
+               k: torch.Tensor | np.ndarray | None, v: torch.Tensor | np.ndarray | None, out: torch.Tensor,
+               scale: float) -> None:
+        """One layer of a decode step, as the sidecar serves it: stores each new token's K/V (k, v [B, Hkv, D],
+        or None when an earlier call stored them) at position context_lens[b] - 1, reserving blocks as needed,
+        then writes attention over [0, context_lens[b]) into out (as `attention`).
 
         With k/v a context length must be the tokens held + 1 (the step's first layer) or the tokens held (a later
         layer: the first one counted the token already). All or nothing: a refused batch changes nothing.
@@ -226,12 +227,15 @@ class CpuKVCache:
         if lens.shape[0] != rows.shape[0]:
             raise ValidationError("context_lens", f"expected {rows.shape[0]} context lengths, got {lens.shape[0]}")
         if k is not None:
-            # NOTE: a new block only every block_size tokens; the common case is one vector compare. A sequence
-            # that needs one must be appending its next token (checked first: a refused batch reserves nothing).
+            # NOTE: a new block only every block_size tokens, so the common case is one vector compare. Before
+            # reserving, the batch is checked here as the native call would check it: a refused batch must not
+            # have reserved anything.
             short = np.flatnonzero(lens > self._blocks_held[rows] * self.block_size).tolist()
-            if short:  # checked here too (not only natively): a refused batch must not have reserved anything
+            if short:
                 have = self._tokens[rows]
-                for i in np.flatnonzero((lens < 1) | ((lens != have) & (lens != have + 1))).tolist()[:1]:
+                bad = np.flatnonzero((lens < 1) | ((lens != have) & (lens != have + 1)))
+                if bad.size:
+                    i = int(bad[0])
                     raise ValidationError("context_lens", f"sequence {ids[i]}: context_len {lens[i]} with new k/v, "
                                                           f"but it holds {have[i]} tokens (expected {have[i] + 1} "
                                                           f"or {have[i]})")

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
-import numpy as np
 import torch
 
 from cpu_attn import messages as m
@@ -319,8 +318,7 @@ class DataPlane:
             out = torch.from_numpy(out_layout.out_view(buf))  # [B, Hq, D], written in place in the response slot
             # NOTE: one native call appends the new K/V and runs attention, checking the batch first (unknown
             # sequences, gaps, capacity); its per-call overhead is what bounds small pipelined sub-batches.
-            kv.decode(layer, seq_ids, context_lens, torch.from_numpy(q), _tensor(k), _tensor(v), out,
-                      shape.softmax_scale)
+            kv.decode(layer, seq_ids, context_lens, torch.from_numpy(q), k, v, out, shape.softmax_scale)
             m.write_attn_out_header(buf, tag, layer, out_layout, start_ns, time.monotonic_ns())
         rings.producer.commit(m.MsgType.ATTN_OUT)
 
@@ -363,10 +361,6 @@ class DataPlane:
         torch.from_numpy(k_out).copy_(k)
         torch.from_numpy(v_out).copy_(v)
         rings.producer.commit(m.MsgType.KV_DATA)
-
-
-def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
-    return None if a is None else torch.from_numpy(a)
 
 
 def _error_code(exc: BaseException) -> tuple[m.ErrorCode, str]:

@@ -121,30 +121,26 @@ def profile(runner, sidecar) -> PerfModel:
     """Measures the running worker (runner: ModelRunner) and its sidecar (SidecarClient)."""
     model, mc, dev, dtype = runner.model, runner.model_config, runner.device, runner.dtype
     layers = mc.num_layers
-    linear, linear_graphs = [], []
-    graphs = runner.graphs
-    # NOTE: decode-only batches up to the largest bucket replay graphs, the others (prefills, bigger batches) run
-    # eagerly: one curve each, as launch overheads make them differ most at small sizes.
-    graph_points = sorted({t for t in LINEAR_POINTS if t <= graphs.buckets[-1]} | {graphs.buckets[-1]}) \
-        if graphs is not None else []
-    for t in sorted(set(LINEAR_POINTS) | set(graph_points)):
-        x = torch.randn(t, mc.hidden_size, device=dev, dtype=dtype)
-        attn = torch.randn(t, mc.q_size, device=dev, dtype=dtype)
-        rope = model.rope_tables(torch.arange(t, device=dev) % runner.max_model_len)
 
-        def eager_layer():
-            model.pre_attention(0, x, rope)
-            model.post_attention(0, x, attn)
+    def inputs(t: int):
+        x = torch.randn(t, mc.hidden_size, device=dev, dtype=dtype)  # [t, hidden]
+        attn = torch.randn(t, mc.q_size, device=dev, dtype=dtype)  # [t, Hq * D]
+        return x, attn, model.rope_tables(torch.arange(t, device=dev) % runner.max_model_len)
 
-        if t in LINEAR_POINTS:
-            linear.append((t, _timed(eager_layer, dev) * layers))
-        if t in graph_points:
-            graphed = graphs.start("A", x, rope)
-
-            def graph_layer():
-                graphed.pre(0)
-                graphed.post(0)
-            linear_graphs.append((t, _timed(graph_layer, dev) * layers))
+    linear = []
+    for t in LINEAR_POINTS:
+        x, attn, rope = inputs(t)
+        linear.append((t, _timed(lambda: (model.pre_attention(0, x, rope), model.post_attention(0, x, attn)),
+                                 dev) * layers))
+    linear_graphs = []
+    if runner.graphs is not None:
+        # NOTE: decode-only batches up to the largest bucket replay graphs, the others (prefills, bigger batches)
+        # run eagerly: one curve each, as launch overheads make them differ most at small sizes.
+        top = runner.graphs.buckets[-1]
+        for t in sorted({p for p in LINEAR_POINTS if p <= top} | {top}):
+            x, _, rope = inputs(t)
+            graphed = runner.graphs.start("A", x, rope)
+            linear_graphs.append((t, _timed(lambda: (graphed.pre(0), graphed.post(0)), dev) * layers))
 
     b, ctx = 8, 512
     q = torch.randn(b, mc.num_heads, mc.head_dim, device=dev, dtype=dtype)

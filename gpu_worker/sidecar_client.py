@@ -315,10 +315,11 @@ class SidecarClient:
         None when the cache already holds them. context_lens include the new token. Any float dtype/device.
         """
         shape = self._require_shape()
+        ids = _ints(seq_ids, "seq_ids")
+        batch = ids.shape[0]
         q = _as_tensor(q)
-        batch = q.shape[0] if q.dim() else 0
         if tuple(q.shape) != (batch, shape.num_heads, shape.head_dim):
-            raise ValidationError("q", f"expected [B, {shape.num_heads}, {shape.head_dim}], got {list(q.shape)}")
+            raise ValidationError("q", f"expected [{batch}, {shape.num_heads}, {shape.head_dim}], got {list(q.shape)}")
         if (k is None) != (v is None):
             raise ValidationError("k", "give both k and v, or neither")
         if k is not None:
@@ -326,11 +327,8 @@ class SidecarClient:
             want = (batch, shape.num_kv_heads, shape.head_dim)
             if tuple(k.shape) != want or tuple(v.shape) != want:
                 raise ValidationError("k", f"k and v must be {list(want)}, got {list(k.shape)} and {list(v.shape)}")
-        request = self.begin_attention(layer, seq_ids, context_lens, has_kv=k is not None)
+        request = self.begin_attention(layer, ids, context_lens, has_kv=k is not None)
         try:
-            if request.batch != batch:
-                raise ValidationError("q", f"expected [{request.batch}, {shape.num_heads}, {shape.head_dim}], got "
-                                           f"{list(q.shape)}")
             on_device = _fill(request.q, q)
             if k is not None:
                 on_device |= _fill(request.k, k)
