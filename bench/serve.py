@@ -10,7 +10,7 @@ A mode may carry a latency bound for the auto scheduler: `auto@30` runs auto wit
 `auto@baseline` with the largest p50 per-token latency gpu-only had in this run (so list gpu-only first): auto then
 admits sequences to the CPU only while a decode step is predicted to stay within what gpu-only achieved.
 
-For each mode it starts the server through the launcher (`python -m neoserve.cli serve`, loopback, free ports, the
+For each mode it starts the server through the launcher (`python -m cli serve`, loopback, free ports, the
 engine flags passed through and `--mode` set), waits until it is SERVING, sends warm-up requests (excluded), then
 for each rate sends requests with Poisson arrivals through the public gRPC API (neoserve.v1.InferenceService),
 `ignore_eos` so every reply has exactly the requested length, and records when every token arrived. Meanwhile it
@@ -520,7 +520,7 @@ def _record_dict(r: RequestRecord) -> dict:
 # ------------------------------------------------------------------------------------------------ the server
 
 class ServerProcess:
-    """`python -m neoserve.cli serve` in its own session on free loopback ports; stop() leaves nothing behind."""
+    """`python -m cli serve` in its own session on free loopback ports; stop() leaves nothing behind."""
 
     def __init__(self, mode: str, cfg: BenchConfig, log_path: Path, *, ready_timeout_s: float,
                  latency_bound_ms: float | None = None):
@@ -544,7 +544,7 @@ class ServerProcess:
         engine_args = list(self.cfg.engine_args)
         if self.latency_bound_ms is not None:
             engine_args += ["--latency-bound-ms", f"{self.latency_bound_ms:.3f}"]
-        return [sys.executable, "-m", "neoserve.cli", "serve", *engine_args, "--mode", self.mode,
+        return [sys.executable, "-m", "cli", "serve", *engine_args, "--mode", self.mode,
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--state-file", str(self.state_file),
                 "--max-restarts", "0", "--drain-timeout-s", "5", "--ready-timeout-s", f"{self.ready_timeout_s:.0f}",
                 *serve_args]

@@ -2,7 +2,7 @@
 
 Reference for generated text: the engine run in this test process on the same request (LLMEngine, same config),
 decoded with the tokenizer. One server and one reference engine serve the whole session (fixtures and helpers from
-gateway.testing).
+tests.live_server).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-pytest.register_assert_rewrite("gateway.testing")  # NOTE: before the import below, or pytest warns it cannot
+pytest.register_assert_rewrite("tests.live_server")  # NOTE: before the import below, or pytest warns it cannot
 
-from gateway.testing import (PROJECT_ROOT, engine_generate, health_status, leftovers, start_gateway, wait_health,
+from tests.live_server import (PROJECT_ROOT, engine_generate, health_status, leftovers, start_gateway, wait_health,
                              wait_kv_idle, worker_stats)
 from neoserve.sampling_params import SamplingParams
 from neoserve.v1 import inference_service_pb2 as pb
 from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-pytest_plugins = ["gateway.testing"]
+pytest_plugins = ["tests.live_server"]
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot", "1, 2, 3, 4,"]
@@ -283,7 +283,7 @@ def test_metrics_endpoint(server):
 
 def _start_gateway(worker_address: str, tmp: Path, *extra: str, api_key: str | None = None,
                    model: str | None = "embedded") -> tuple[subprocess.Popen, str]:
-    """gateway.testing's second gateway, with its public gRPC address."""
+    """tests.live_server's second gateway, with its public gRPC address."""
     proc, ports = start_gateway(worker_address, tmp, *extra, api_key=api_key, model=model)
     return proc, f"localhost:{ports['port']}"
 
@@ -388,7 +388,7 @@ def test_tls_gateway(server, tmp_path):
 
 def test_cli_generate_and_healthcheck_commands(server, stub):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "neoserve.cli", "generate", "--address", server.address, "--chat",
+    proc = subprocess.run([sys.executable, "-m", "cli", "generate", "--address", server.address, "--chat",
                            "--max-tokens", "12", "--temperature", "0", CHAT[0]["content"]],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -442,7 +442,7 @@ def test_serve_once_streams_one_reply_and_exits_clean(tokenizer, reference_engin
     with tempfile.TemporaryDirectory() as tmp:
         state_file = Path(tmp) / "state.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "neoserve.cli", "serve", "--port", "0", "--metrics-port", "-1", "--worker-threads",
+            [sys.executable, "-m", "cli", "serve", "--port", "0", "--metrics-port", "-1", "--worker-threads",
              "1", "--state-file", str(state_file), "--once", CHAT[0]["content"], "--chat", "--max-tokens", "16",
              "--temperature", "0"],
             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})

@@ -205,7 +205,7 @@ def test_cpu_plan_never_oversubscribes():
 
 
 def test_gateway_process_does_not_import_torch():
-    code = ("import sys, gateway.server, gateway.__main__, gateway.launcher, neoserve.client, neoserve.cli; "
+    code = ("import sys, gateway.server, gateway.__main__, gateway.launcher, neoserve.client, cli.main; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

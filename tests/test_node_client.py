@@ -16,7 +16,7 @@ import pytest
 from neoserve.v1 import inference_service_pb2 as pb
 from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-pytest_plugins = ["gateway.testing"]
+pytest_plugins = ["tests.live_server"]
 pytestmark = pytest.mark.slow
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"

@@ -20,13 +20,13 @@ import numpy as np
 import openai
 import pytest
 
-pytest.register_assert_rewrite("gateway.testing")  # NOTE: before the import below, or pytest warns it cannot
+pytest.register_assert_rewrite("tests.live_server")  # NOTE: before the import below, or pytest warns it cannot
 
 from gateway import openai_protocol as protocol
-from gateway.testing import engine_generate, start_gateway, wait_kv_idle, worker_stats
+from tests.live_server import engine_generate, start_gateway, wait_kv_idle, worker_stats
 from neoserve.sampling_params import SamplingParams
 
-pytest_plugins = ["gateway.testing"]
+pytest_plugins = ["tests.live_server"]
 pytestmark = pytest.mark.slow
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

@@ -24,17 +24,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-pytest.register_assert_rewrite("gateway.testing")  # NOTE: before the import below, or pytest warns it cannot
+pytest.register_assert_rewrite("tests.live_server")  # NOTE: before the import below, or pytest warns it cannot
 
-from gateway.testing import ServerHandle, engine_generate, health_status, pid_alive, running_server, wait_health, \
+from tests.live_server import ServerHandle, engine_generate, health_status, pid_alive, running_server, wait_health, \
     worker_stats
 from neoserve.internal.v1 import sidecar_pb2, sidecar_pb2_grpc, worker_pb2
 from neoserve.shm_ring import SegmentName, list_segments
 from neoserve.v1 import inference_service_pb2 as pb
 from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-# NOTE: the reference engine is gateway.testing's session fixture, shared with the end-to-end tests.
-pytest_plugins = ["gateway.testing"]
+# NOTE: the reference engine is tests.live_server's session fixture, shared with the end-to-end tests.
+pytest_plugins = ["tests.live_server"]
 
 MAX_INFLIGHT = 8
 MAX_QUEUED = 8
@@ -134,7 +134,7 @@ def rss_mib(pid: int) -> float:
 @contextmanager
 def running_cluster(extra_args: list[str] = ()) -> Iterator[Cluster]:
     """Starts the server; on exit stops it with SIGTERM and fails if a process, folder or segment is left
-    (gateway.testing.running_server)."""
+    (tests.live_server.running_server)."""
     with running_server([*SERVER_ARGS, *extra_args], prefix="neoserve-rel-") as handle:
         cluster = Cluster(handle)
         cluster.wait_health(SERVING, 120)
@@ -151,7 +151,7 @@ def reliability_server() -> Iterator[Cluster]:
 # --- the reference: the engine in this process ------------------------------------------------------------------------
 
 class Reference:
-    """Greedy token ids from an in-process LLMEngine (gpu-only, the default config: gateway.testing's session
+    """Greedy token ids from an in-process LLMEngine (gpu-only, the default config: tests.live_server's session
     reference engine), cached per (prompt, length).
 
     NOTE: test_neo_modes shows every placement mode gives the same greedy tokens, so the server's auto mode with a

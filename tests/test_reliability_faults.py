@@ -343,7 +343,7 @@ def test_a_model_without_a_tokenizer_fails_start_up_fast_naming_the_cause(tmp_pa
                                  num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=256)).save_pretrained(tmp_path / "ckpt")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "neoserve.cli", "serve", "--model", str(tmp_path / "ckpt"),
+    proc = subprocess.run([sys.executable, "-m", "cli", "serve", "--model", str(tmp_path / "ckpt"),
                            "--once", "hi", "--max-tokens", "2", "--max-restarts", "1", "--port", "0",
                            "--metrics-port", "-1", "--ready-timeout-s", "300"],
                           capture_output=True, text=True, timeout=120)

@@ -1,6 +1,6 @@
 """Pytest plugin: one real `neoserve serve` (sidecar, worker, gateway processes) shared by a whole test session.
 
-Test modules opt in with `pytest_plugins = ["gateway.testing"]` and take the `neoserve_server` fixture. Everything
+Test modules opt in with `pytest_plugins = ["tests.live_server"]` and take the `neoserve_server` fixture. Everything
 binds free ports (port 0) and unix sockets in a private folder; teardown sends SIGTERM to the launcher and checks
 that it exits.
 """
@@ -54,7 +54,7 @@ class ServerHandle:
 def start_server(extra_args: list[str], workdir: Path, timeout: float = 300.0) -> ServerHandle:
     state_file = workdir / "state.json"
     log_path = workdir / "serve.log"
-    argv = [sys.executable, "-m", "neoserve.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+    argv = [sys.executable, "-m", "cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
             "--state-file", str(state_file), *extra_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     with open(log_path, "wb") as log:
