@@ -17,12 +17,12 @@ import sys
 def _add_sampling_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--chat", action="store_true", help="send the text as a user chat message (chat template)")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the server's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
     if seed:  # NOTE: `serve` has the engine's --seed already (the default seed of unseeded requests)
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server's)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -45,16 +45,24 @@ def _stream_reply(address: str, text: str, args, *, api_key: str | None, tls: bo
         kwargs = {"prompt": text}
     out = sys.stdout
     try:
+        last = None
         with Client(address, api_key=api_key, tls=tls) as client:
-            last = None
             for chunk in client.generate(**kwargs, **sampling):
                 if chunk.text:
                     out.write(chunk.text)
                     out.flush()
                 last = chunk
     except grpc.RpcError as e:
-        out.write("\n")
-        print(f"neoserve: {e.code().name}: {e.details()}", file=sys.stderr)
+        if last is not None:  # NOTE: end the partial reply's line; a reply that never began has none
+            out.write("\n")
+        if e.code() == grpc.StatusCode.UNAVAILABLE and last is None and args.command == "generate":
+            # NOTE: nothing answered at all (no reply chunk came): most likely no server runs there yet.
+            print(f"neoserve: no neoserve server at {address} ({e.details()}).\n"
+                  f"  start one with:  neoserve serve\n"
+                  f"  or point at one: neoserve generate --address HOST:PORT ... (or env NEOSERVE_ADDRESS)",
+                  file=sys.stderr)
+        else:
+            print(f"neoserve: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         out.write("\n")
@@ -128,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="stream a reply from a running server")
-    gen.add_argument("text")
-    gen.add_argument("--address", default=os.environ.get("NEOSERVE_ADDRESS", "127.0.0.1:50051"))
+    gen.add_argument("text", help="the prompt (with --chat: the user message)")
+    gen.add_argument("--address", default=os.environ.get("NEOSERVE_ADDRESS", "127.0.0.1:50051"),
+                     help="the server's gRPC address (default: env NEOSERVE_ADDRESS, else %(default)s)")
     gen.add_argument("--api-key", default=None, help="API key (default: env NEOSERVE_API_KEY)")
     gen.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     _add_sampling_args(gen)

@@ -352,7 +352,9 @@ class Launcher:
             if child.next_start == 0.0:
                 code = child.proc.returncode if child.proc else None
                 if child.restarts >= self.serve.max_restarts:
-                    log.error("%s exited (code %s) %d times; giving up", child.spec.name, code, child.restarts + 1)
+                    exits = child.restarts + 1
+                    log.error("%s exited (code %s) %s; giving up", child.spec.name, code,
+                              "once" if exits == 1 else f"{exits} times")
                     return False
                 delay = min(10.0, 0.5 * 2 ** child.restarts)
                 log.warning("%s exited (code %s); restarting in %.1f s", child.spec.name, code, delay)

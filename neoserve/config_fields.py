@@ -45,8 +45,13 @@ class CliConfig:
                 parser.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=f.default,
                                     help=f.metadata["help"])
             else:
+                help_text = f.metadata["help"]
+                # NOTE: a help text that explains its default itself ("default: the model's") or a default of None
+                # (nothing set) would read twice or as Python's "None" with "(default: X)" appended.
+                if f.default is not None and "default" not in help_text:
+                    help_text += f" (default: {f.default})"
                 parser.add_argument(name, dest=dest, type=typ, default=f.default, choices=f.metadata["choices"],
-                                    help=f"{f.metadata['help']} (default: {f.default})")
+                                    help=help_text)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, prefix: str = ""):

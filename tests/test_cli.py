@@ -1,0 +1,62 @@
+"""The `neoserve` command as a new user meets it: its --help, its messages, the model id clients type."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+
+from tests.live_server import PROJECT_ROOT
+
+
+def _subparser(name: str):
+    from cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # NOTE: argparse keeps subparsers only here
+    return sub.choices[name]
+
+
+def test_help_states_each_default_once():
+    """--help once printed "(default: the model's, at most 8192) (default: None)": each flag's help names its default
+    at most once, and never as Python's None."""
+    for command in ("serve", "generate"):
+        for action in _subparser(command)._actions:
+            text = (action.help or "") % {"default": action.default}  # NOTE: argparse expands %(default)s likewise
+            assert text.lower().count("default") <= 1, (command, action.option_strings, text)
+            assert "(default: None)" not in text, (command, action.option_strings, text)
+
+
+def test_launcher_says_once_not_1_times(tmp_path, caplog):
+    """A child that exits with no restarts left: "exited (code 3) once", not "1 times"."""
+    from gateway.launcher import Launcher, ServeConfig
+
+    launcher = Launcher(ServeConfig(port=0, metrics_port=-1, max_restarts=0), [], engine_model=None,
+                        engine_mode="gpu-only", engine_device="cpu")
+    try:
+        first = launcher.children[0]
+        first.spec.argv = [sys.executable, "-c", "raise SystemExit(3)"]
+        first.start()
+        first.wait(30)
+        with caplog.at_level(logging.ERROR):
+            assert not launcher.supervise_once()
+    finally:
+        for child in launcher.children:
+            child.kill()
+            child.wait(10)
+        shutil.rmtree(launcher.run_dir, ignore_errors=True)
+    assert f"{first.spec.name} exited (code 3) once; giving up" in caplog.text, caplog.text
+
+
+def test_generate_without_a_server_says_how_to_start_one():
+    with socket.socket() as s:  # NOTE: a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "cli", "generate", "--address", f"127.0.0.1:{port}", "hello"],
+                          capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert proc.returncode == 1, proc
+    assert f"no neoserve server at 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "neoserve serve" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
