@@ -25,7 +25,9 @@ class GatewayConfig(CliConfig):
     metrics_host: str = flag("127.0.0.1", "bind address of the Prometheus /metrics HTTP server")
     metrics_port: int = flag(9090, "Prometheus /metrics HTTP port (0: pick a free one; -1: disabled)")
     http_port: int = flag(-1, "OpenAI-compatible HTTP port on --host (0: pick a free one; -1: disabled)")
-    served_model_name: str | None = flag(None, "model name of the OpenAI HTTP API (default: the model's own name)")
+    served_model_name: str | None = flag(None, "model id of the OpenAI HTTP API (default: the id the worker "
+                                         "reports: smollm2-135m-instruct for the embedded model, else a slug of "
+                                         "the checkpoint's file or folder name)")
     port_file: str | None = flag(None, "write the bound ports here as JSON once listening")
     # NOTE: the worker keeps its own waiting queue (the NEO scheduler wants more requests than the GPU holds),
     # so max_inflight is deliberately larger than the engine's max_num_seqs.

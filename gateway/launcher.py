@@ -47,7 +47,9 @@ class ServeConfig(CliConfig):
     # Scripts and tests that ask for a free gRPC port (--port 0) get a free HTTP port too, never a collision on 8000.
     http_port: int | None = flag(None, "OpenAI-compatible HTTP port (/v1/chat/completions, ...; default 8000, or a "
                                        "free one with --port 0; 0: a free one; -1: disabled)")
-    served_model_name: str | None = flag(None, "model name of the OpenAI HTTP API (default: the model's own name)")
+    served_model_name: str | None = flag(None, "model id of the OpenAI HTTP API (default: the id the worker "
+                                         "reports: smollm2-135m-instruct for the embedded model, else a slug of "
+                                         "the checkpoint's file or folder name)")
     max_inflight: int = flag(256, "requests the gateway forwards to the worker at once")
     max_queued: int = flag(512, "requests waiting in the gateway; beyond it RESOURCE_EXHAUSTED")
     api_key: str | None = flag(None, "require this API key on the public port (or env NEOSERVE_API_KEY); "

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from neoserve.config_fields import CliConfig, flag
 from neoserve.errors import BackendUnavailableError, CapacityError, ValidationError
 from neoserve.internal.v1 import worker_pb2, worker_pb2_grpc
+from neoserve.model_files import model_id
 from neoserve.outputs import FinishReason, RequestOutput
 from neoserve.sampling_params import SamplingParams
 
@@ -171,7 +172,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         device = getattr(getattr(engine, "engine", None), "runner", None)
         device = str(getattr(device, "device", self._config.device))
         return worker_pb2.InfoResponse(
-            model_spec=self._config.model or "", model_id=mc.name or (self._config.model or "embedded"),
+            model_spec=self._config.model or "", model_id=model_id(self._config.model),
             architecture=mc.architecture, vocab_size=mc.vocab_size, max_model_len=engine.max_model_len,
             eos_token_ids=mc.eos_token_ids, device=device, mode=self._config.mode,
             max_num_seqs=self._config.max_num_seqs,

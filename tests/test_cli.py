@@ -60,3 +60,33 @@ def test_generate_without_a_server_says_how_to_start_one():
     assert f"no neoserve server at 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "neoserve serve" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# --- the model id clients type ----------------------------------------------------------------------------------------
+
+def test_model_id_is_a_slug_a_client_can_type(tmp_path):
+    from neoserve.model_files import model_id
+
+    assert model_id(None) == model_id("embedded") == "smollm2-135m-instruct"
+    assert model_id("/models/Llama-3.2-1B-Instruct-Q4_K_M.gguf") == "llama-3.2-1b-instruct-q4_k_m"
+    folder = tmp_path / "Qwen2.5 0.5B Instruct"
+    folder.mkdir()
+    assert model_id(str(folder) + "/") == "qwen2.5-0.5b-instruct"
+    assert model_id("random:llama-3-8b") == "random-llama-3-8b"
+
+
+def test_worker_reports_the_stable_model_id():
+    """The worker's Info (what gRPC ModelInfo and OpenAI /v1/models name the model by) once reported the GGUF's
+    general.name, "Smollm2 135M 8k Lc100K Mix1 Ep2"."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gpu_worker.config import EngineConfig
+    from gpu_worker.server import WorkerServicer
+
+    config = SimpleNamespace(name="Smollm2 135M 8k Lc100K Mix1 Ep2", architecture="llama", vocab_size=49152,
+                             eos_token_ids=[2])
+    engine = SimpleNamespace(model_config=config, max_model_len=8192)
+    info = asyncio.run(WorkerServicer(EngineConfig(device="cpu"), engine).Info(None, None))
+    assert info.model_id == "smollm2-135m-instruct"
+    assert info.model_spec == ""
