@@ -6,7 +6,7 @@ bytes it stands for, so decoding is a table lookup, a join and one UTF-8 decode.
 
 GGUF files name their pre-tokenizer in `tokenizer.ggml.pre`. We reproduce llama.cpp's splitting for the values we
 support (llama.cpp is the reference for what a GGUF model was trained and evaluated with); transformers' GGUF loader
-drops SmolLM's digit rule and so tokenizes "a  1" differently (see /work/shared/oracles/README.md).
+drops SmolLM's digit rule and so tokenizes "a  1" differently (see tests/data/README.md).
 """
 
 from __future__ import annotations

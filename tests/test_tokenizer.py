@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-import os
 import random
 import unicodedata
 from pathlib import Path
@@ -21,14 +21,16 @@ from neoserve.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def oracle_path() -> Path:
-    """The llama.cpp oracle: $NEOSERVE_ORACLES, then shared/oracles in the repository, then /work/shared/oracles."""
-    candidates = [Path(os.environ["NEOSERVE_ORACLES"])] if "NEOSERVE_ORACLES" in os.environ else []
-    candidates += [REPO / "shared" / "oracles", REPO.parent / "shared" / "oracles", Path("/work/shared/oracles")]
-    for folder in candidates:
-        if (folder / "smollm2_tokenizer_llamacpp.jsonl").is_file():
-            return folder / "smollm2_tokenizer_llamacpp.jsonl"
-    pytest.fail(f"llama.cpp tokenizer oracle not found in {candidates}; set NEOSERVE_ORACLES")
+# NOTE: vendored (tests/data/README.md: provenance and checksum), so the tests pass from a clone made anywhere.
+ORACLE = Path(__file__).resolve().parent / "data" / "smollm2_tokenizer_llamacpp.jsonl"
+ORACLE_SHA256 = "552c8660e2af704220dfe83b52eeaf0fd63fefa8105236ad259f03d109e0fddd"
+
+
+def test_oracle_is_vendored_unchanged():
+    """The oracle is read from the repository only, and is the file its README describes."""
+    assert ORACLE.is_relative_to(REPO)
+    assert hashlib.sha256(ORACLE.read_bytes()).hexdigest() == ORACLE_SHA256
+    assert ORACLE_SHA256 in (ORACLE.parent / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def oracle() -> list[dict]:
-    with open(oracle_path(), encoding="utf-8") as f:
+    with open(ORACLE, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
