@@ -65,11 +65,11 @@ if str(ROOT) not in sys.path:
 
 import grpc  # noqa: E402
 
+from gpu_worker.config import MODES  # noqa: E402
 from neoserve.errors import ValidationError  # noqa: E402
 from neoserve.v1 import inference_service_pb2 as pb  # noqa: E402
 from neoserve.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 
-MODES = ("gpu-only", "auto", "cpu-all")
 BASELINE_MODE = "gpu-only"
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 # Cumulative worker counters (StatsResponse field names) reported as deltas over each run, when the worker exports

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from neoserve.config_fields import CliConfig, flag
 
-MODES = ("auto", "gpu-only", "cpu-all")
+# The NEO modes (docs/ARCHITECTURE.md, "One decode step"); the one definition: the scheduler, the CLI and
+# bench/serve.py read it from here.
+MODES = ("gpu-only", "auto", "cpu-all")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

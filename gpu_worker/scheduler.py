@@ -21,10 +21,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gpu_worker.block_manager import BlockManager, CpuKVBudget
+from gpu_worker.config import MODES
 from gpu_worker.pipeline_planner import PipelinePlan, PipelinePlanner
 from gpu_worker.sequence import KVLocation, Sequence, SequenceStatus
-
-MODES = ("gpu-only", "cpu-all", "auto")
 
 
 @dataclass
