@@ -48,25 +48,11 @@ class BackendMonitor:
             self._sidecar_channel = grpc.aio.insecure_channel(sidecar_address, options=CHANNEL_OPTIONS)
             self._sidecar = sidecar_pb2_grpc.CpuAttentionServiceStub(self._sidecar_channel)
         self.serving = False
-        self._changed = asyncio.Event()
         self._tokenizer_task: asyncio.Task | None = None
 
     async def close(self) -> None:
         if self._sidecar_channel is not None:
             await self._sidecar_channel.close()
-
-    async def wait_serving(self, timeout: float) -> bool:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not self.serving:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return False
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                return False
-        return True
 
     async def _sidecar_ok(self) -> bool:
         if self._sidecar is None:
@@ -137,7 +123,6 @@ class BackendMonitor:
         status = SERVING if serving else NOT_SERVING
         for service in ("", PUBLIC_SERVICE):
             await self._health.set(service, status)
-        self._changed.set()
 
     async def run(self) -> None:
         """Checks the backends every interval until cancelled; returns (with fatal_error set) when the model's

@@ -68,10 +68,6 @@ class WorkerClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    @property
-    def num_pending(self) -> int:
-        return len(self._pending)
-
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="worker-stream")
 

@@ -13,7 +13,6 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gpu_worker.config import EngineConfig
 from gpu_worker.engine import EngineStats, LLMEngine
 from neoserve.errors import BackendUnavailableError, ValidationError
 from neoserve.outputs import FinishReason, RequestOutput
@@ -45,10 +44,6 @@ class AsyncEngine:
         self._dead: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
-        return cls(LLMEngine(config))
 
     # --- asyncio side ----------------------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int],

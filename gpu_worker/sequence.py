@@ -65,10 +65,6 @@ class Sequence:
         """More than the newest token still needs computing (a fresh prompt, a chunk, or a recompute)."""
         return self.num_uncomputed_tokens > 1
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
-
     def token_ids(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
         if end <= n:

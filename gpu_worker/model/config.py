@@ -52,7 +52,3 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """K and V of one token over all layers."""
-        return 2 * self.num_layers * self.kv_size * dtype_bytes
