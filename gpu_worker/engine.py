@@ -180,17 +180,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
-        self._release_sidecar(sched.preempted)
         outputs = [self._finish(seq, FinishReason.ERROR, error) for seq, error in sched.failed]
+        try:
+            self.runner.release_sidecar_sequences(sched.preempted)
+            sampled = self.runner.execute(sched) if not sched.is_empty() else []
+        except BackendUnavailableError as e:
+            if self.sidecar is None:
+                raise
+            # NOTE: the schedule placed work on the sidecar that is gone (CPU decodes, swap-ins whose KV had not
+            # arrived): none of it runs. Nothing of this step is kept: GPU rows rewrite the same KV slots when
+            # rescheduled, and the sequences the sidecar held recompute.
+            self._on_sidecar_failure(e)
+            return outputs
+        self.scheduler.confirm_swap_ins()
         if not sched.is_empty():
-            try:
-                sampled = self.runner.execute(sched)
-            except BackendUnavailableError as e:
-                if self.sidecar is None:
-                    raise
-                self._on_sidecar_failure(e)
-                # NOTE: nothing of this step is kept: GPU rows rewrite the same KV slots when rescheduled.
-                return outputs
             if sched.estimated_time is not None and not sched.prefills:
                 # NOTE: decode steps only: their time is what a latency bound limits, and prefill chunks would skew
                 # the learnt overhead with the cost model's extrapolation error for large token counts.

@@ -95,6 +95,10 @@ class Scheduler:
         self.planner = planner or PipelinePlanner()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one gives way first
+        # Swapped in by the latest schedule(): GPU blocks allocated and the sequence placed on the GPU, but its KV is
+        # still in the sidecar until the runner's migrate copies it over (confirm_swap_ins). A sidecar that dies in
+        # between leaves those blocks holding garbage, so these are recomputed like the CPU sequences.
+        self.swapping_in: list[Sequence] = []
         self.num_preemptions = 0
         self.num_swap_outs = 0
         self.num_swap_ins = 0
@@ -112,6 +116,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._forget_swap_in(seq)
         self.block_manager.free(seq)
         if self.cpu_budget is not None:
             self.cpu_budget.free(seq)
@@ -258,6 +263,7 @@ class Scheduler:
     def _swap_out(self, seq: Sequence, out: SchedulerOutput) -> None:
         if seq in out.swap_in:  # swapped in earlier in this step: its KV is still in the sidecar, cancel instead
             out.swap_in.remove(seq)
+            self._forget_swap_in(seq)
             self.block_manager.free(seq)
             self.cpu_budget.reserve(seq, seq.num_tokens)
             seq.location = KVLocation.CPU
@@ -293,19 +299,30 @@ class Scheduler:
             self.cpu_budget.free(seq)
             seq.location = KVLocation.GPU
             out.swap_in.append(seq)
+            self.swapping_in.append(seq)
             self.num_swap_ins += 1
 
+    def confirm_swap_ins(self) -> None:
+        """The runner migrated the latest schedule's swap-ins: their KV is on the GPU now."""
+        self.swapping_in.clear()
+
+    def _forget_swap_in(self, seq: Sequence) -> None:
+        if seq in self.swapping_in:
+            self.swapping_in.remove(seq)
+
     def evict_cpu_sequences(self) -> list[Sequence]:
-        """The sidecar lost its KV: every CPU-resident sequence is recomputed on the GPU, and placement stays
-        gpu-only until a sidecar is attached again."""
+        """The sidecar lost its KV: every sequence whose KV it held is recomputed on the GPU (those on the CPU and
+        those whose swap-in had not arrived yet), and placement stays gpu-only until a sidecar is attached again."""
         out = SchedulerOutput()
-        for seq in [s for s in self.running if s.location == KVLocation.CPU]:
+        lost = [s for s in self.running if s.location == KVLocation.CPU or s in self.swapping_in]
+        for seq in lost:
             self._preempt(seq, out)
         self.config.mode = "gpu-only"
         return out.preempted
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        self._forget_swap_in(seq)
         self.block_manager.free(seq)
         if self.cpu_budget is not None:
             self.cpu_budget.free(seq)
