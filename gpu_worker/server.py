@@ -226,6 +226,14 @@ class ReattachingEngine(LLMEngine):
     def has_offer(self) -> bool:
         return self._offered is not None
 
+    def has_unfinished(self) -> bool:
+        """NOTE: also true while a handover waits, so that the engine loop, which steps only while this is true, acts
+        on a sidecar that died (or came back) while the server is idle, not at the next request: health, stats and
+        placement say so when it happens. A step without requests schedules nothing."""
+        with self._handover_lock:
+            pending = self._offered is not None or self._dropped is not None
+        return pending or super().has_unfinished()
+
     def step(self):
         with self._handover_lock:
             client, self._offered = self._offered, None
