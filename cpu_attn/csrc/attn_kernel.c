@@ -44,19 +44,7 @@
 #define ATTN_X86 0
 #endif
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-
-typedef struct {
-    char *arena;
-    int64_t num_blocks;
-    int num_layers;
-    int hkv;
-    int bs;
-    int d;
-    int dp;      /* head_dim rounded up to 32 */
-    int dtype;
-    int esize;
-} Geom;
+#include "attn_kernel.h"
 
 static inline size_t head_block_elems(const Geom *g) { return (size_t)g->bs * (size_t)(g->d + g->dp); }
 
@@ -135,38 +123,8 @@ static inline void store_elem(char *base, size_t i, int dtype, float x) {
 /* ------------------------------------------------------------------------------------------------------ */
 /* Work decomposition shared by both kernel paths.                                                         */
 
-typedef struct {
-    int b;          /* sequence index within the batch */
-    int h;          /* kv head */
-    int blk_begin;  /* block range [blk_begin, blk_end) of the sequence's block table */
-    int blk_end;
-    int partial;    /* index into the partial-result scratch, or -1 when the item covers the whole context */
-} Item;
 
-typedef struct {
-    int b, h, first, count; /* partial results [first, first+count) merge into out[b, h*G:(h+1)*G] */
-} Merge;
-
-typedef struct {
-    const Geom *g;
-    int layer;
-    const int32_t *table;   /* [rows, table_stride] block ids */
-    int64_t table_stride;
-    const int64_t *rows;    /* [B] row of each sequence in the table */
-    const int64_t *ctx;     /* [B] context lengths */
-    const float *q;         /* [B, Hq, D] */
-    float *out;             /* [B, Hq, D] */
-    int hq;
-    int G;
-    float scale;
-} Job;
-
-/* Per-thread scratch: scaled q [G][D], scores/probabilities [G][BS], accumulator [G][DP], m/l/alpha [G]. */
-typedef struct {
-    float *qs, *s, *acc, *m, *l, *alpha;
-} Scratch;
-
-static int scratch_alloc(Scratch *sc, int G, int D, int DP, int BS) {
+int attn_scratch_alloc(Scratch *sc, int G, int D, int DP, int BS) {
     size_t n = (size_t)G * D + (size_t)G * BS + (size_t)G * DP + 3 * (size_t)G + 64;
     float *p = NULL;
     if (posix_memalign((void **)&p, 64, n * sizeof(float)) != 0) return -1;
@@ -576,7 +534,7 @@ static double stream_read_portable(const char *p, size_t n) {
 
 static int g_force_portable = 0;
 
-static int use_avx512(void) {
+int use_avx512(void) {
 #if ATTN_X86
     if (g_force_portable) return 0;
     __builtin_cpu_init();
@@ -596,9 +554,10 @@ static int cmp_items_desc(const void *a, const void *b) {
 /*
  * Split every (sequence, kv head) into chunks of whole blocks so that there are about 8 work items per thread
  * even at batch 1; chunks of one (sequence, head) are merged afterwards with log-sum-exp. Longest items go
- * first so that the dynamic schedule ends evenly. Returns 0, or -1 when out of memory.
+ * first so that a dynamic schedule ends evenly. The plan's buffers grow and are kept for the next call.
+ * Returns 0, or -1 when out of memory.
  */
-static int run_attention(const Job *job, int B, int nthreads) {
+int attn_plan(const Job *job, int B, int nthreads, AttnPlan *p) {
     const Geom *g = job->g;
     const int BS = g->bs, HKV = g->hkv, G = job->G;
     int64_t total_units = 0;
@@ -619,59 +578,92 @@ static int run_attention(const Job *job, int B, int nthreads) {
             n_merges += HKV;
         }
     }
-    Item *items = malloc(sizeof(Item) * (size_t)(n_items ? n_items : 1));
-    Merge *merges = malloc(sizeof(Merge) * (size_t)(n_merges ? n_merges : 1));
-    float *partials = malloc(sizeof(float) * (size_t)(n_partials ? n_partials : 1) * (size_t)G * (2 + (size_t)g->d));
-    if (!items || !merges || !partials) {
-        free(items);
-        free(merges);
-        free(partials);
-        return -1;
+    const size_t partial_floats = (size_t)(n_partials ? n_partials : 1) * (size_t)G * (2 + (size_t)g->d);
+    if ((size_t)n_items > p->cap_items) {
+        Item *items = realloc(p->items, sizeof(Item) * (size_t)n_items);
+        if (!items) return -1;
+        p->items = items;
+        p->cap_items = (size_t)n_items;
+    }
+    if ((size_t)(n_merges ? n_merges : 1) > p->cap_merges) {
+        Merge *merges = realloc(p->merges, sizeof(Merge) * (size_t)(n_merges ? n_merges : 1));
+        if (!merges) return -1;
+        p->merges = merges;
+        p->cap_merges = (size_t)(n_merges ? n_merges : 1);
+    }
+    if (partial_floats > p->cap_partials) {
+        float *partials = realloc(p->partials, sizeof(float) * partial_floats);
+        if (!partials) return -1;
+        p->partials = partials;
+        p->cap_partials = partial_floats;
     }
     int64_t ii = 0, pi = 0, mi = 0;
     for (int b = 0; b < B; b++) {
         int nb = (job->ctx[b] + BS - 1) / BS;
         int ns = (int)((nb + chunk - 1) / chunk);
         for (int h = 0; h < HKV; h++) {
-            if (ns > 1) merges[mi++] = (Merge){b, h, (int)pi, ns};
+            if (ns > 1) p->merges[mi++] = (Merge){b, h, (int)pi, ns};
             for (int s = 0; s < ns; s++) {
                 int b0 = (int)(s * chunk), b1 = (int)((s + 1) * chunk);
                 if (b1 > nb) b1 = nb;
-                items[ii++] = (Item){b, h, b0, b1, ns > 1 ? (int)pi++ : -1};
+                p->items[ii++] = (Item){b, h, b0, b1, ns > 1 ? (int)pi++ : -1};
             }
         }
     }
-    if (chunk != INT32_MAX) qsort(items, (size_t)n_items, sizeof(Item), cmp_items_desc);
+    if (chunk != INT32_MAX) qsort(p->items, (size_t)n_items, sizeof(Item), cmp_items_desc);
+    p->n_items = n_items;
+    p->n_merges = n_merges;
+    return 0;
+}
 
+void attn_plan_free(AttnPlan *p) {
+    free(p->items);
+    free(p->merges);
+    free(p->partials);
+    memset(p, 0, sizeof *p);
+}
+
+void attn_run_item(const Job *job, const AttnPlan *p, int64_t k, Scratch *sc, int avx) {
+#if ATTN_X86
+    if (avx)
+        item_avx512(job, &p->items[k], sc);
+    else
+#endif
+        item_portable(job, &p->items[k], sc);
+    finish_item(job, &p->items[k], sc, p->partials);
+    (void)avx;
+}
+
+void attn_run_merge(const Job *job, const AttnPlan *p, int64_t k) { merge_partials(job, &p->merges[k], p->partials); }
+
+/* The OpenMP path (direct calls from Python): plan, items with a dynamic schedule, then merges. */
+static int run_attention(const Job *job, int B, int nthreads) {
+    const Geom *g = job->g;
+    AttnPlan plan = {0};
+    if (attn_plan(job, B, nthreads, &plan) < 0) {
+        attn_plan_free(&plan);
+        return -1;
+    }
     const int avx = use_avx512();
+    const int64_t n_items = plan.n_items, n_merges = plan.n_merges;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n_items > 1)
     {
         Scratch sc;
-        int ok = scratch_alloc(&sc, G, g->d, g->dp, BS) == 0;
+        int ok = attn_scratch_alloc(&sc, job->G, g->d, g->dp, g->bs) == 0;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t k = 0; k < n_items; k++) {
-            if (!ok) continue;
-#if ATTN_X86
-            if (avx)
-                item_avx512(job, &items[k], &sc);
-            else
-#endif
-                item_portable(job, &items[k], &sc);
-            finish_item(job, &items[k], &sc, partials);
+            if (ok) attn_run_item(job, &plan, k, &sc, avx);
         }
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < n_merges; k++) merge_partials(job, &merges[k], partials);
+        for (int64_t k = 0; k < n_merges; k++) attn_run_merge(job, &plan, k);
         if (ok) free(sc.qs);
     }
-    (void)avx;
-    free(items);
-    free(merges);
-    free(partials);
+    attn_plan_free(&plan);
     return failed ? -1 : 0;
 }
 
@@ -817,75 +809,135 @@ static void copy_v_row(const Geom *g, char *V, int t, float *row_buf, float *vro
  * Copy tokens between fp32 rows k, v ([n, Hkv, D]) and slot offs[i] of block blocks[i] (store: into the
  * arena, else out of it). K of 32 consecutive tokens that fill a tile goes through a [D][32] transpose in L1
  * and whole-row conversions (bulk swap-in/out); lone tokens (decode append) go element by element.
- * Parallel over tokens when the copy is large.
+ * NOTE: work units are whole groups of 32 tokens, so no K tile is split between threads.
  */
-static void copy_tokens(const Geom *g, int layer, int64_t n, const int32_t *blocks, const int32_t *offs, float *k,
-                        float *v, int nthreads, int store) {
+static void copy_unit(const Geom *g, int layer, int64_t n, const int32_t *blocks, const int32_t *offs, float *k,
+                      float *v, int store, int avx, CopyScratch *cs, int64_t unit) {
     const int D = g->d, HKV = g->hkv, BS = g->bs, DT = g->dtype, ES = g->esize;
     const size_t tok_stride = (size_t)HKV * D;
+    int64_t i = unit * 32, iend = i + 32 < n ? i + 32 : n;
+    while (i < iend) {
+        const int grouped = is_k_group(i, n, blocks, offs);
+        const int64_t cnt = grouped ? 32 : 1;
+        for (int h = 0; h < HKV; h++) {
+            char *K = kv_head_block(g, layer, blocks[i], h);
+            char *V = K + (size_t)BS * D * ES;
+            if (grouped) {
+                char *kt = K + ((size_t)(offs[i] >> 5) * D * 32) * ES;
+                if (store) {
+                    for (int u = 0; u < 32; u++) {
+                        const float *src = k + (size_t)(i + u) * tok_stride + (size_t)h * D;
+                        for (int d = 0; d < D; d++) cs->tile[(size_t)d * 32 + u] = src[d];
+                    }
+                    for (int d = 0; d < D; d++)
+                        row32_to_storage(cs->tile + (size_t)d * 32, kt + (size_t)d * 32 * ES, DT, avx);
+                } else {
+                    for (int d = 0; d < D; d++)
+                        row32_from_storage(kt + (size_t)d * 32 * ES, cs->tile + (size_t)d * 32, DT, avx);
+                    for (int u = 0; u < 32; u++) {
+                        float *dst = k + (size_t)(i + u) * tok_stride + (size_t)h * D;
+                        for (int d = 0; d < D; d++) dst[d] = cs->tile[(size_t)d * 32 + u];
+                    }
+                }
+            } else {
+                float *row = k + (size_t)i * tok_stride + (size_t)h * D;
+                const size_t kb = k_index(g, offs[i], 0);
+                if (store && ES == 2) {
+                    /* NOTE: convert the row with vector ops first; only the strided stores stay scalar. */
+                    uint16_t *conv = (uint16_t *)cs->tile;
+                    row_to_storage(row, (char *)conv, D, DT, avx);
+                    for (int d = 0; d < D; d++) ((uint16_t *)K)[kb + (size_t)d * 32] = conv[d];
+                } else if (store) {
+                    for (int d = 0; d < D; d++) ((float *)K)[kb + (size_t)d * 32] = row[d];
+                } else {
+                    for (int d = 0; d < D; d++) row[d] = load_elem(K, kb + (size_t)d * 32, DT);
+                }
+            }
+            for (int64_t u = 0; u < cnt; u++)
+                copy_v_row(g, V, offs[i + u], cs->row, v + (size_t)(i + u) * tok_stride + (size_t)h * D,
+                           store, avx);
+        }
+        i += cnt;
+    }
+}
+
+/* All units on the calling thread, with the caller's scratch of COPY_SCRATCH_FLOATS(D) floats (the team). */
+void copy_tokens_serial(const Geom *g, int layer, int64_t n, const int32_t *blocks, const int32_t *offs, float *k,
+                        float *v, int store, float *scratch) {
+    CopyScratch cs = {scratch, scratch + (size_t)g->d * 32};
     const int avx = use_avx512();
-    /* NOTE: work units are whole groups of 32 tokens, so no K tile is split between threads. */
+    for (int64_t unit = 0; unit < (n + 31) / 32; unit++) copy_unit(g, layer, n, blocks, offs, k, v, store, avx, &cs, unit);
+}
+
+/* Parallel over units when the copy is large (direct calls from Python). */
+static void copy_tokens(const Geom *g, int layer, int64_t n, const int32_t *blocks, const int32_t *offs, float *k,
+                        float *v, int nthreads, int store) {
+    const int avx = use_avx512();
     const int64_t nunits = (n + 31) / 32;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n * HKV * D >= (1 << 18))
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n * g->hkv * g->d >= (1 << 18))
     {
         CopyScratch cs;
-        cs.tile = malloc(sizeof(float) * ((size_t)D * 32 + 32));
-        cs.row = cs.tile + (size_t)D * 32;
+        cs.tile = malloc(sizeof(float) * COPY_SCRATCH_FLOATS(g->d));
+        cs.row = cs.tile + (size_t)g->d * 32;
 #pragma omp for schedule(static)
-        for (int64_t unit = 0; unit < nunits; unit++) {
-            int64_t i = unit * 32, iend = i + 32 < n ? i + 32 : n;
-            while (i < iend) {
-                const int grouped = is_k_group(i, n, blocks, offs);
-                const int64_t cnt = grouped ? 32 : 1;
-                for (int h = 0; h < HKV; h++) {
-                    char *K = kv_head_block(g, layer, blocks[i], h);
-                    char *V = K + (size_t)BS * D * ES;
-                    if (grouped) {
-                        char *kt = K + ((size_t)(offs[i] >> 5) * D * 32) * ES;
-                        if (store) {
-                            for (int u = 0; u < 32; u++) {
-                                const float *src = k + (size_t)(i + u) * tok_stride + (size_t)h * D;
-                                for (int d = 0; d < D; d++) cs.tile[(size_t)d * 32 + u] = src[d];
-                            }
-                            for (int d = 0; d < D; d++)
-                                row32_to_storage(cs.tile + (size_t)d * 32, kt + (size_t)d * 32 * ES, DT, avx);
-                        } else {
-                            for (int d = 0; d < D; d++)
-                                row32_from_storage(kt + (size_t)d * 32 * ES, cs.tile + (size_t)d * 32, DT, avx);
-                            for (int u = 0; u < 32; u++) {
-                                float *dst = k + (size_t)(i + u) * tok_stride + (size_t)h * D;
-                                for (int d = 0; d < D; d++) dst[d] = cs.tile[(size_t)d * 32 + u];
-                            }
-                        }
-                    } else {
-                        float *row = k + (size_t)i * tok_stride + (size_t)h * D;
-                        const size_t kb = k_index(g, offs[i], 0);
-                        if (store && ES == 2) {
-                            /* NOTE: convert the row with vector ops first; only the strided stores stay scalar. */
-                            uint16_t *conv = (uint16_t *)cs.tile;
-                            row_to_storage(row, (char *)conv, D, DT, avx);
-                            for (int d = 0; d < D; d++) ((uint16_t *)K)[kb + (size_t)d * 32] = conv[d];
-                        } else if (store) {
-                            for (int d = 0; d < D; d++) ((float *)K)[kb + (size_t)d * 32] = row[d];
-                        } else {
-                            for (int d = 0; d < D; d++) row[d] = load_elem(K, kb + (size_t)d * 32, DT);
-                        }
-                    }
-                    for (int64_t u = 0; u < cnt; u++)
-                        copy_v_row(g, V, offs[i + u], cs.row, v + (size_t)(i + u) * tok_stride + (size_t)h * D,
-                                   store, avx);
-                }
-                i += cnt;
-            }
-        }
+        for (int64_t unit = 0; unit < nunits; unit++) copy_unit(g, layer, n, blocks, offs, k, v, store, avx, &cs, unit);
         free(cs.tile);
     }
+}
+
+/*
+ * The checks of one decode call (the Python binding's and the team's): every row exists; with new k/v
+ * (has_kv) ctx[b] is row_tokens + 1 (the step's first layer appends) or row_tokens (a later layer finds the token
+ * counted already) and position ctx[b] - 1 lies in the row's reserved blocks, whose block and slot go to
+ * blocks[b] / offs[b]; without, 1 <= ctx[b] <= row_tokens. Returns DECODE_OK, or DECODE_BAD /
+ * DECODE_UNRESERVED with a message naming the batch index in `why`. Writes nothing but blocks/offs.
+ */
+int decode_prepare(const Geom *g, const int32_t *tb, int64_t stride, int64_t nrows, const int64_t *rt,
+                   const int64_t *rb, const int64_t *rw, const int64_t *cx, int64_t B, int has_kv, int32_t *blocks,
+                   int32_t *offs, char *why, size_t whylen) {
+    for (int64_t b = 0; b < B; b++) {
+        if (rw[b] < 0 || rw[b] >= nrows) {
+            snprintf(why, whylen, "batch entry %lld: no such sequence row %lld", (long long)b, (long long)rw[b]);
+            return DECODE_BAD;
+        }
+        const int64_t have = rt[rw[b]], n = cx[b];
+        if (!has_kv) {
+            if (n < 1 || n > have) {
+                snprintf(why, whylen, "batch entry %lld: context_len %lld is outside [1, %lld] (the tokens stored "
+                         "for that sequence)", (long long)b, (long long)n, (long long)have);
+                return DECODE_BAD;
+            }
+            continue;
+        }
+        if (n < 1 || (n != have && n != have + 1)) {
+            snprintf(why, whylen, "batch entry %lld: context_len %lld with new k/v, but the sequence holds %lld "
+                     "tokens (expected %lld or %lld)", (long long)b, (long long)n, (long long)have,
+                     (long long)have + 1, (long long)have);
+            return DECODE_BAD;
+        }
+        const int64_t pos = n - 1, held = rb[rw[b]] < stride ? rb[rw[b]] : stride;
+        if (pos / g->bs >= held || tb[rw[b] * stride + pos / g->bs] < 0 ||
+            tb[rw[b] * stride + pos / g->bs] >= g->num_blocks) {
+            snprintf(why, whylen, "batch entry %lld: position %lld is beyond the sequence's reserved blocks",
+                     (long long)b, (long long)pos);
+            return DECODE_UNRESERVED;
+        }
+        blocks[b] = tb[rw[b] * stride + pos / g->bs];
+        offs[b] = (int32_t)(pos % g->bs);
+    }
+    return DECODE_OK;
+}
+
+/* After a decode's append: each row holds at least its context length. */
+void decode_advance(int64_t *rt, const int64_t *rw, const int64_t *cx, int64_t B) {
+    for (int64_t b = 0; b < B; b++)
+        if (rt[rw[b]] < cx[b]) rt[rw[b]] = cx[b];
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Python bindings. Addresses are passed as integers (tensor.data_ptr()); kernel.py checks shapes.         */
 
-static int parse_geom(PyObject *t, Geom *g) {
+int parse_geom(PyObject *t, Geom *g) {
     unsigned long long arena;
     long long nb;
     if (!PyArg_ParseTuple(t, "KLiiiii", &arena, &nb, &g->num_layers, &g->hkv, &g->bs, &g->d, &g->dtype)) return -1;
@@ -1008,35 +1060,10 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    for (Py_ssize_t b = 0; b < B; b++) {
-        if (rw[b] < 0 || rw[b] >= nrows) {
-            PyErr_Format(PyExc_ValueError, "batch entry %zd: no such sequence row %lld", b, (long long)rw[b]);
-            goto done;
-        }
-        const int64_t have = rt[rw[b]], n = cx[b];
-        if (!has_kv) {
-            if (n < 1 || n > have) {
-                PyErr_Format(PyExc_ValueError, "batch entry %zd: context_len %lld is outside [1, %lld] (the tokens "
-                             "stored for that sequence)", b, (long long)n, (long long)have);
-                goto done;
-            }
-            continue;
-        }
-        if (n < 1 || (n != have && n != have + 1)) {
-            PyErr_Format(PyExc_ValueError, "batch entry %zd: context_len %lld with new k/v, but the sequence holds "
-                         "%lld tokens (expected %lld or %lld)", b, (long long)n, (long long)have, (long long)have + 1,
-                         (long long)have);
-            goto done;
-        }
-        const int64_t pos = n - 1, held = rb[rw[b]] < stride ? rb[rw[b]] : stride;
-        if (pos / g.bs >= held || tb[rw[b] * stride + pos / g.bs] < 0 ||
-            tb[rw[b] * stride + pos / g.bs] >= g.num_blocks) {
-            PyErr_Format(PyExc_ValueError, "batch entry %zd: position %lld is beyond the sequence's reserved blocks",
-                         b, (long long)pos);
-            goto done;
-        }
-        blocks[b] = tb[rw[b] * stride + pos / g.bs];
-        offs[b] = (int32_t)(pos % g.bs);
+    char why[200];
+    if (decode_prepare(&g, tb, stride, nrows, rt, rb, rw, cx, B, has_kv, blocks, offs, why, sizeof why) != DECODE_OK) {
+        PyErr_SetString(PyExc_ValueError, why);
+        goto done;
     }
     if (B > 0) {
         if (has_kv) {
@@ -1044,9 +1071,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
             copy_tokens(&g, layer, B, blocks, offs, (float *)(uintptr_t)k, (float *)(uintptr_t)v, nthreads, 1);
             Py_END_ALLOW_THREADS
         }
-        if (has_kv)
-            for (Py_ssize_t b = 0; b < B; b++)
-                if (rt[rw[b]] < cx[b]) rt[rw[b]] = cx[b];
+        if (has_kv) decode_advance(rt, rw, cx, B);
     }
     if (attend(&g, layer, tb, stride, rw, cx, q, hq, out, scale, B, nthreads) == 0) result = Py_NewRef(Py_None);
 done:
@@ -1149,4 +1174,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_attn_kernel", "CPU paged decode attention", -1,
                                        methods};
 
-PyMODINIT_FUNC PyInit__attn_kernel(void) { return PyModule_Create(&moduledef); }
+PyMODINIT_FUNC PyInit__attn_kernel(void) {
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m && team_register(m) < 0) Py_CLEAR(m);
+    return m;
+}
