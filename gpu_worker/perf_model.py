@@ -1,5 +1,6 @@
-"""The performance model the NEO scheduler plans with, profiled once per (model, dtype, device, threads) at
-start-up and cached in a JSON file.
+"""The performance model the NEO scheduler plans with, profiled at start-up and cached in a JSON file per set of
+what the measurement depends on (profile_key: model shape, dtypes, device, host CPU, threads, ring spin, graphs,
+torch version), so a restart on the same host reuses it.
 
 It predicts, for one whole forward (all layers):
 - gpu_time(tokens, context, decode_only): projections + MLP of `tokens` tokens on the worker device (interpolated
@@ -16,9 +17,12 @@ It predicts, for one whole forward (all layers):
 from __future__ import annotations
 
 import bisect
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,10 +37,20 @@ log = logging.getLogger(__name__)
 LINEAR_POINTS = (1, 8, 32, 128, 512)
 PROFILE_SEQ_ID_BASE = 2**62  # sequence ids no request uses
 FORMAT_VERSION = 4
+# NOTE: a cache file no start has read for this long is deleted (its hardware or settings are likely gone); every
+# hit refreshes its file's mtime, so a file in use never ages out.
+CACHE_MAX_AGE_S = 30 * 24 * 3600
+TMP_MAX_AGE_S = 3600  # a save interrupted this long ago left its .tmp file behind for good
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("NEOSERVE_CACHE_DIR", Path.home() / ".cache" / "neoserve")) / "perf_model"
+
+
+def cache_path(key: str) -> Path:
+    """The cache file of a profile key: a digest of the key (the file holds the key itself, for a reader and for
+    load_or_profile's check)."""
+    return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 @dataclass
@@ -192,24 +206,98 @@ def _profile_hand_off(runner, sidecar) -> tuple[float, float, float]:
     return base, per_seq, per_token
 
 
-def profile_key(runner, sidecar) -> str:  # noqa: ARG001 (the sidecar's settings come from the worker config)
-    mc = runner.model_config
-    dev = torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu"
-    shape = f"{mc.architecture}-L{mc.num_layers}-H{mc.hidden_size}-I{mc.intermediate_size}-h{mc.num_heads}-" \
-            f"kv{mc.num_kv_heads}-d{mc.head_dim}-V{mc.vocab_size}"
-    cfg = runner.config
-    sidecar_kind = f"{cfg.sidecar or 'spawned'}-s{cfg.cpu_attn_threads}-{cfg.cpu_kv_dtype}"
-    graphs = f"-graphs{runner.graphs.buckets[-1]}" if runner.graphs is not None else ""
-    threads = f"t{torch.get_num_threads()}-{sidecar_kind}{graphs}"
-    return "_".join(x.replace(" ", "-").replace("/", "-").replace(":", "-")
-                    for x in (shape, str(runner.dtype), dev, threads))
+def profile_key(runner, sidecar) -> str:
+    """What the measurement depends on, and nothing else: the model's shape, the weights' and the sidecar KV's
+    dtypes, the device, the host CPU (the sidecar's kernel and every hand-off run on it), the worker's torch threads
+    and the sidecar's, the ring spin, the CUDA graph buckets and the torch version. Not the sidecar's address: the
+    launcher gives each start a fresh random socket path, and a key holding it never hit."""
+    mc, cfg = runner.model_config, runner.config
+    device = torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu"
+    parts = {
+        "model": f"{mc.architecture}-L{mc.num_layers}-H{mc.hidden_size}-I{mc.intermediate_size}-h{mc.num_heads}-"
+                 f"kv{mc.num_kv_heads}-d{mc.head_dim}-V{mc.vocab_size}",
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "device": device,
+        "host_cpu": _host_cpu(),
+        "worker_threads": torch.get_num_threads(),
+        "sidecar_threads": _sidecar_threads(sidecar, cfg.cpu_attn_threads),
+        "cpu_kv_dtype": cfg.cpu_kv_dtype,
+        "ring_spin_us": cfg.ring_spin_us,
+        "cuda_graphs": runner.graphs.buckets[-1] if runner.graphs is not None else 0,
+        "torch": torch.__version__,
+    }
+    return ";".join(f"{name}={value}" for name, value in parts.items())
+
+
+def _host_cpu() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
+def _sidecar_threads(sidecar, configured: int) -> int:
+    """The threads the running sidecar reports: a launcher-started one gets its own --threads, which the worker's
+    --cpu-attn-threads (used only by a sidecar the worker spawns) does not know."""
+    try:
+        return int(sidecar.health().threads) or configured
+    except Exception:  # NOTE: no sidecar, or one that cannot say: the key falls back to the worker's setting
+        return configured
+
+
+def prune_cache(keep: Path, now: float | None = None) -> list[Path]:
+    """Deletes the cache files no start will read again, all but `keep`: unreadable ones and other format versions,
+    names of an older scheme, files unread for CACHE_MAX_AGE_S, and .tmp files of saves interrupted long ago.
+    Returns what it deleted."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(cache_dir().iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        if path == keep:
+            continue
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:  # NOTE: another start pruned it first
+            continue
+        if path.suffix == ".tmp":
+            stale = age > TMP_MAX_AGE_S
+        elif path.suffix == ".json":
+            stale = age > CACHE_MAX_AGE_S or not _is_digest(path.stem) or PerfModel.load(path) is None
+        else:
+            continue  # not ours
+        if stale:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError as e:
+                log.debug("could not prune %s: %s", path, e)
+    if removed:
+        log.info("pruned %d stale performance-model cache files from %s", len(removed), cache_dir())
+    return removed
+
+
+def _is_digest(stem: str) -> bool:
+    """Whether a cache file's name is cache_path's digest; an older scheme named files by their readable key."""
+    return len(stem) == 16 and all(c in "0123456789abcdef" for c in stem)
 
 
 def load_or_profile(runner, sidecar) -> PerfModel:
-    path = cache_dir() / f"{profile_key(runner, sidecar)}.json"
+    key = profile_key(runner, sidecar)
+    path = cache_path(key)
     cached = PerfModel.load(path)
-    if cached is not None:
+    if cached is not None and cached.key == key:  # NOTE: the name is a digest: the key inside settles a collision
+        with contextlib.suppress(OSError):
+            os.utime(path)  # NOTE: marks it read, so prune_cache keeps a file in use however old its profile
         log.info("performance model from %s: %s", path, cached.describe())
+        prune_cache(keep=path)
         return cached
     t0 = time.perf_counter()
     model = profile(runner, sidecar)
@@ -219,4 +307,5 @@ def load_or_profile(runner, sidecar) -> PerfModel:
         log.warning("could not cache the performance model at %s: %s", path, e)
     log.info("profiled the performance model in %.1f s", time.perf_counter() - t0)
     log.info("%s", model.describe())
+    prune_cache(keep=path)
     return model

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import time
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from gpu_worker import perf_model
+from gpu_worker.config import EngineConfig
 from gpu_worker.perf_model import PerfModel
 from gpu_worker.pipeline_planner import PipelinePlanner
 from tests.test_scheduler import FakeCost, fake_neo_step, make_seq, neo_scheduler
@@ -48,3 +56,84 @@ def test_scheduler_prices_decode_only_steps_as_such():
     assert seen == [False]
     sched.schedule()  # a decode step
     assert seen[1:] == [True]
+
+
+# --- the cache -------------------------------------------------------------------------------------------------------
+
+class _Sidecar:
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def health(self):
+        return SimpleNamespace(threads=self.threads)
+
+
+def _runner(**config) -> SimpleNamespace:
+    """What profile_key reads of a ModelRunner: the model's shape, the worker config, device, dtype, graphs."""
+    shape = SimpleNamespace(architecture="llama", num_layers=30, hidden_size=576, intermediate_size=1536,
+                            num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152)
+    return SimpleNamespace(model_config=shape, config=EngineConfig(mode="auto", device="cpu", **config),
+                           device=torch.device("cpu"), dtype=torch.float32, graphs=None)
+
+
+def test_profile_key_is_what_changes_the_measurement_not_the_sidecar_address():
+    """A launcher gives each start's sidecar a fresh random socket path; the key once held it, so it never hit."""
+    key = perf_model.profile_key(_runner(sidecar="unix:/tmp/neoserve-abc/sidecar.sock"), _Sidecar(3))
+    assert key == perf_model.profile_key(_runner(sidecar="unix:/tmp/neoserve-xyz/sidecar.sock"), _Sidecar(3))
+    assert "neoserve-abc" not in key
+    assert key != perf_model.profile_key(_runner(), _Sidecar(4))  # the sidecar's own thread count, as it reports it
+    assert key != perf_model.profile_key(_runner(cpu_kv_dtype="bfloat16"), _Sidecar(3))
+    assert key != perf_model.profile_key(_runner(ring_spin_us=3000.0), _Sidecar(3))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache folder and a profile() that counts its calls instead of measuring."""
+    monkeypatch.setenv("NEOSERVE_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_profile(runner, sidecar):
+        calls.append(runner.config.sidecar)
+        return PerfModel(key=perf_model.profile_key(runner, sidecar), linear=[(1, 1e-3), (8, 2e-3)],
+                         gpu_attn_per_token=1e-7, cpu_attn_base=1e-4, cpu_attn_per_seq=1e-5, cpu_attn_per_token=1e-8)
+
+    monkeypatch.setattr(perf_model, "profile", fake_profile)
+    return SimpleNamespace(dir=tmp_path / "perf_model", profiles=calls)
+
+
+def test_warm_start_reuses_the_cached_profile(cache):
+    first = perf_model.load_or_profile(_runner(sidecar="unix:/tmp/neoserve-1/sidecar.sock"), _Sidecar(1))
+    assert len(cache.profiles) == 1 and len(list(cache.dir.iterdir())) == 1
+    again = perf_model.load_or_profile(_runner(sidecar="unix:/tmp/neoserve-2/sidecar.sock"), _Sidecar(1))
+    assert again == first
+    assert len(cache.profiles) == 1, "a restart (a new sidecar socket) profiled again instead of reusing the cache"
+    assert len(list(cache.dir.iterdir())) == 1
+    perf_model.load_or_profile(_runner(), _Sidecar(2))  # another sidecar thread count: measured anew
+    assert len(cache.profiles) == 2 and len(list(cache.dir.iterdir())) == 2
+
+
+def test_stale_cache_files_are_pruned(cache):
+    model = perf_model.load_or_profile(_runner(), _Sidecar(1))
+    current = perf_model.cache_path(model.key)
+    old = time.time() - perf_model.CACHE_MAX_AGE_S - 3600
+    body = json.loads(current.read_text())
+    files = {
+        # the old scheme's readable names, one per start (the sidecar's socket path in them)
+        "old_scheme": cache.dir / "llama-L30_torch.float32_cpu_t1-unix--tmp-neoserve-q1-sidecar.sock-s1.json",
+        "old_format": cache.dir / ("a" * 16 + ".json"),
+        "unread_long": cache.dir / ("b" * 16 + ".json"),
+        "interrupted_save": cache.dir / ("c" * 16 + ".tmp"),
+        "other_config": cache.dir / ("d" * 16 + ".json"),  # another setting on this host, read recently: kept
+        "not_ours": cache.dir / "README.txt",
+    }
+    for path in files.values():
+        path.write_text(json.dumps(body))
+    files["old_format"].write_text(json.dumps({**body, "version": perf_model.FORMAT_VERSION - 1}))
+    for name in ("unread_long", "interrupted_save"):
+        os.utime(files[name], (old, old))
+    os.utime(current, (old, old))  # in use however old: the hit below refreshes it
+    assert perf_model.load_or_profile(_runner(), _Sidecar(1)) == model
+    assert len(cache.profiles) == 1
+    left = {name for name, path in files.items() if path.exists()}
+    assert left == {"other_config", "not_ours"}, left
+    assert current.exists() and time.time() - current.stat().st_mtime < 3600
