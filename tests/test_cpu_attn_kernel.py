@@ -263,9 +263,22 @@ def test_threads_agree():
 
 
 def test_empty_batch_is_a_no_op():
-    cache = CpuKVCache(1, 2, 64, 8 << 20)
+    """A sub-batch without CPU decodes calls with B = 0: it returns and changes nothing (stored K/V, block counts),
+    and the next real call still matches the reference."""
+    gen = torch.Generator().manual_seed(4)
+    cache = CpuKVCache(1, 2, 64, 8 << 20, dtype=torch.float32, num_threads=1)
+    ks, vs = fill(cache, 0, [20], gen)
+    stats = cache.stats()
     q = torch.empty(0, 4, 64)
     cache.attention(0, [], [], q, torch.empty_like(q), 0.1)
+    cache.decode(0, [], [], q, torch.empty(0, 2, 64), torch.empty(0, 2, 64), torch.empty_like(q), 0.1)
+    assert cache.stats() == stats
+    k, v = cache.read(0, 0, 0, 20)
+    assert torch.equal(k, ks[0]) and torch.equal(v, vs[0])
+    q = torch.randn(1, 4, 64, generator=gen)
+    out = torch.empty_like(q)
+    cache.attention(0, [0], [20], q, out, 0.1)
+    assert rel_err(out, reference(q, ks, vs, [20], 0.1)) < 1e-5
 
 
 def test_bad_calls_raise_validation_errors():
