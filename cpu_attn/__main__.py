@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spin-us", type=float, default=50.0,
                    help="busy-wait this long for the next request before sleeping (default 50; long spins only on "
                         "cores of its own)")
+    p.add_argument("--data-plane", choices=("team", "python"), default="team",
+                   help="who answers attention requests: the resident C team (default) or the Python loop")
     p.add_argument("--kv-cache-class", default=None, help=argparse.SUPPRESS)
     # the spawner's private socket directory: removed (if empty) at exit, so a SIGKILLed spawner leaves nothing
     p.add_argument("--owned-dir", default=None, help=argparse.SUPPRESS)
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                slot_size=args.slot_size, request_slots=args.request_slots,
                                response_slots=args.response_slots, shm_prefix=args.shm_prefix,
                                kv_cache_class=args.kv_cache_class or DEFAULT_KV_CACHE_CLASS,
-                               parent_pid=args.parent_pid, shape=shape, spin_us=args.spin_us)
+                               parent_pid=args.parent_pid, shape=shape, spin_us=args.spin_us,
+                               resident_team=args.data_plane == "team")
         server = SidecarServer(config)
         address = server.start()
     except (NeoServeError, ValueError, OSError) as exc:

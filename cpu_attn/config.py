@@ -76,6 +76,8 @@ class SidecarConfig:
     # How long the data plane busy-waits for the next request before yielding, then sleeping (WaitPolicy.spin_us).
     # Long spins pay off only on cores of its own: a sleeping end's wake-up costs ~0.1 ms in a VM.
     spin_us: float = 50.0
+    # Serve attention requests with the resident C team (cpu_attn/csrc/team.c) instead of the Python loop.
+    resident_team: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or not 1 <= self.threads <= 1024:

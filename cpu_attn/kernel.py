@@ -30,6 +30,11 @@ HUGE_PAGE = 2 << 20
 _MAP_HUGETLB = 0x40000
 
 
+# The resident team's view of a cache's bookkeeping and the team itself (cpu_attn/csrc/team.c).
+CacheIndex = _native.CacheIndex
+Team = _native.Team
+
+
 def has_avx512() -> bool:
     """True when the AVX-512 path runs (CPU support checked at run time, and not forced off)."""
     return bool(_native.has_avx512())

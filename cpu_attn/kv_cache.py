@@ -11,7 +11,9 @@ reads bf16 at about the same bytes/s as fp32 (the conversion is one ALU op per 1
 keys cannot overflow as they could in fp16. Pass dtype=torch.float32 where bit-level agreement with an fp32
 reference matters more than capacity. Attention math is fp32 in every case.
 
-Not thread-safe: one caller (the sidecar's data-plane loop) owns an instance.
+Not thread-safe: one caller owns an instance. In the sidecar that is whoever holds SidecarState.lock, which
+also takes `native_index`'s mutex: the resident team (cpu_attn/csrc/team.c) reads the bookkeeping through that
+index (block table, tokens, blocks held, seq_id -> row), so every change here is made under that mutex.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from neoserve.errors import CapacityError, ValidationError
 
-from cpu_attn.kernel import (DTYPE_CODES, Arena, Geometry, decode, default_num_threads, load_tokens,
+from cpu_attn.kernel import (DTYPE_CODES, Arena, CacheIndex, Geometry, decode, default_num_threads, load_tokens,
                              paged_attention, store_tokens)
 
 IntsLike = torch.Tensor | np.ndarray | SequenceT[int]
@@ -89,6 +91,9 @@ class CpuKVCache:
         self._blocks_held = np.zeros(16, dtype=np.int64)  # [rows]
         self._tokens = np.zeros(16, dtype=np.int64)  # [rows] highest written position + 1
         self._free_rows: list[int] = list(range(15, -1, -1))
+        # NOTE: the team's view of the bookkeeping above; it keeps the arena mapped while a team may read it.
+        self.native_index = CacheIndex(self.geometry.as_tuple, self._arena)
+        self._bind()
 
     # ---------------------------------------------------------------- sequences and blocks
 
@@ -102,6 +107,7 @@ class CpuKVCache:
         self._blocks_held[row] = 0
         self._tokens[row] = 0
         self._row_of[seq_id] = row
+        self.native_index.set(seq_id, row)
 
     def reserve(self, seq_id: int, num_tokens: int) -> None:
         """Make the sequence's blocks cover `num_tokens` positions. All or nothing: CapacityError changes nothing."""
@@ -130,6 +136,7 @@ class CpuKVCache:
         self._blocks_held[row] = 0
         self._tokens[row] = 0
         del self._row_of[int(seq_id)]
+        self.native_index.discard(int(seq_id))
         self._free_rows.append(row)
 
     def num_tokens(self, seq_id: int) -> int:
@@ -273,9 +280,15 @@ class CpuKVCache:
         self._blocks_held = np.concatenate([self._blocks_held, np.zeros(old, dtype=np.int64)])
         self._tokens = np.concatenate([self._tokens, np.zeros(old, dtype=np.int64)])
         self._free_rows.extend(range(2 * old - 1, old - 1, -1))
+        self._bind()
 
     def _grow_stride(self, at_least: int) -> None:
         stride = min(max(at_least, 2 * self._table.shape[1]), self.num_blocks)
         table = np.zeros((self._table.shape[0], stride), dtype=np.int32)
         table[:, :self._table.shape[1]] = self._table
         self._table = table
+        self._bind()
+
+    def _bind(self) -> None:
+        """Points the native index at the current arrays (they are replaced, never resized, when they grow)."""
+        self.native_index.bind(self._table, self._table.shape[1], self._tokens, self._blocks_held)

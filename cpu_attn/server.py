@@ -8,6 +8,16 @@ or blocked control call never stalls attention, and vice versa; a lock serialise
 
 Every data-plane request gets exactly one response record, in request order: the result, an ACK, or an
 ERROR record (unknown sequence, full cache, malformed or corrupt record). Errors never kill the loop.
+
+The resident team (default; `--data-plane python` turns it off): once the sidecar is configured and a client
+attached, a fixed set of C threads (cpu_attn/csrc/team.c) consumes the request ring instead of the Python loop and
+answers attention requests with no Python per call. It hands every other record (KV uploads and downloads, and
+attention that needs a new block reserved) to this thread ("punts" it), waits for the answer, then goes on, so
+answers stay in request order. Ordering rule with the control plane: SidecarState.lock also holds the KV cache's
+native mutex, which the team holds from its sequence look-up to its kernel's end; a FreeSequences that races an
+attention call therefore either comes first (the call answers UNKNOWN_SEQUENCE) or waits for the kernel, and a
+freed block is never reused under a running kernel. (The client also frees only after every request it sent has
+been answered.)
 """
 
 from __future__ import annotations
@@ -28,8 +38,11 @@ import torch
 
 from cpu_attn import messages as m
 from cpu_attn.config import AttnShape, SidecarConfig, shape_from_pb, shape_to_pb
+from cpu_attn.kernel import Team
 from cpu_attn.kv_cache import UnknownSequenceError
-from neoserve.errors import BackendUnavailableError, CapacityError, NeoServeError, ValidationError
+from neoserve.error_status import INTERNAL, status_of
+from neoserve.errors import (BackendUnavailableError, CapacityError, FailedPreconditionError, NeoServeError,
+                             ValidationError)
 from neoserve.internal.v1 import sidecar_pb2 as pb
 from neoserve.internal.v1 import sidecar_pb2_grpc as pb_grpc
 from neoserve.shm_ring import (Message, Ring, RingClosedError, RingConsumer, RingCorruptError, RingProducer, WaitPolicy,
@@ -50,10 +63,6 @@ class DataPlaneError(NeoServeError):
         self.code = code
 
 
-class FailedPreconditionError(NeoServeError):
-    """The call is valid but not in the current state (e.g. reconfigure while sequences exist)."""
-
-
 def load_class(path: str) -> type:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -67,10 +76,36 @@ class _Rings:
     producer: RingProducer
     generation: int
     client_pid: int
+    peer_check: Callable[[], None]
 
     def close(self) -> None:
         self.request.close()
         self.response.close()
+
+
+class _StateLock:
+    """SidecarState's lock: a threading.Lock among Python threads, plus the current KV cache's native mutex
+    (`native_index`, when the cache class has one), which the resident team takes for each attention call. Both
+    are held together, so whoever holds this lock may change the cache's bookkeeping under the team's feet."""
+
+    def __init__(self, state: "SidecarState"):
+        self._lock = threading.Lock()
+        self._state = state
+        self._index: Any = None  # the native index locked by the current holder (the cache may be replaced)
+
+    def __enter__(self) -> "_StateLock":
+        self._lock.acquire()
+        index = getattr(self._state.kv, "native_index", None)
+        if index is not None:
+            index.lock()
+        self._index = index
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        index, self._index = self._index, None
+        if index is not None:
+            index.unlock()
+        self._lock.release()
 
 
 class SidecarState:
@@ -78,7 +113,7 @@ class SidecarState:
 
     def __init__(self, config: SidecarConfig):
         self.config = config
-        self.lock = threading.Lock()
+        self.lock = _StateLock(self)
         self.shape: AttnShape | None = None
         self.kv: Any = None
         self.sequences: set[int] = set()
@@ -95,6 +130,11 @@ class SidecarState:
             if self.sequences:
                 raise FailedPreconditionError(f"cannot change the model shape while {len(self.sequences)} "
                                               "sequences are held; free them first")
+            old_index = getattr(self.kv, "native_index", None)
+            if old_index is not None:
+                # NOTE: a team still bound to the old cache hands every request to Python from now on, until the
+                # data plane rebuilds it on the new cache (the old arena stays mapped while the team holds it).
+                old_index.retire()
             self.kv = None  # NOTE: drop the old arena before allocating the new one
             self.kv = self._kv_class(shape.num_layers, shape.num_kv_heads, shape.head_dim,
                                      self.config.kv_cache_bytes, dtype=TORCH_DTYPES[shape.dtype],
@@ -155,6 +195,8 @@ class DataPlane:
         self._swapped = threading.Event()
         self._stop = threading.Event()
         self._generation = 0
+        self._team: Any = None  # the resident team serving self._rings, or None (Python serves them)
+        self._team_kv: Any = None  # the KV cache the team is bound to
         self._thread = threading.Thread(target=self._run, name="cpu_attn-data-plane", daemon=True)
 
     def start(self) -> None:
@@ -177,7 +219,7 @@ class DataPlane:
             self._generation += 1
             pid_check = self._peer_check(client_pid)
             rings = _Rings(request, response, request.consumer(self.policy, pid_check),
-                           response.producer(self.policy, pid_check), self._generation, client_pid)
+                           response.producer(self.policy, pid_check), self._generation, client_pid, pid_check)
             self._swapped.clear()
             self._pending = rings
             if not self._swapped.wait(5.0) or self._stop.is_set():
@@ -210,10 +252,20 @@ class DataPlane:
         except RingClosedError:
             return 0, 0
 
+    def team_counters(self) -> tuple[int, int, float]:
+        """(messages, errors, busy seconds) the live resident team has answered (not yet in SidecarState)."""
+        return _team_counters(self._team)
+
+    @property
+    def team_running(self) -> bool:
+        return self._team is not None and self._team.running
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self._stop_team()
         for rings in (self._pending, self._rings):
             if rings is not None:
                 rings.close()
@@ -226,6 +278,7 @@ class DataPlane:
         while not self._stop.is_set():
             pending = self._pending
             if pending is not None:
+                self._stop_team()
                 if self._rings is not None:
                     self._rings.close()
                 self._rings, self._pending = pending, None
@@ -235,6 +288,11 @@ class DataPlane:
                 self._stop.wait(POLL_S)
                 continue
             try:
+                if self.config.resident_team:
+                    self._sync_team(rings)
+                if self._team is not None:
+                    self._serve_punts(rings, self._team)
+                    continue
                 try:
                     msg = rings.consumer.poll(POLL_S)
                 except RingCorruptError as exc:
@@ -248,11 +306,59 @@ class DataPlane:
                 # Attach; the KV cache stays until the client frees it or re-attaches with free_all_sequences.
                 log.log(logging.INFO if "closed by the peer" in str(exc) else logging.WARNING,
                         "data plane: dropping the rings of client %d: %s", rings.client_pid, exc)
+                self._stop_team()
                 rings.close()
                 if self._rings is rings:
                     self._rings = None
+        self._stop_team()
         if self._pending is not None:
             self._swapped.set()
+
+    # -- the resident team (only this thread starts and stops it)
+
+    def _sync_team(self, rings: _Rings) -> None:
+        """Starts a team on these rings once the cache has a native index; restarts it after a Configure."""
+        kv = self.state.kv
+        if self._team is not None and self._team_kv is kv:
+            return
+        self._stop_team()
+        index = getattr(kv, "native_index", None)
+        shape = self.state.shape
+        if index is None or shape is None:
+            return
+        cpus = self.config.cpus or sorted(os.sched_getaffinity(0))
+        team = Team(index, rings.request._mapping(), rings.response._mapping(), shape.num_heads,
+                    shape.softmax_scale, self.config.threads, cpus, int(self.policy.spin_us * 1e3))
+        team.start()
+        self._team, self._team_kv = team, kv
+        log.info("resident team of %d thread(s) on CPUs %s serves the rings of client %d", self.config.threads,
+                 cpus, rings.client_pid)
+
+    def _serve_punts(self, rings: _Rings, team: Any) -> None:
+        """Answers one record the team handed over (or waits a poll slice), and watches the client."""
+        got = team.wait_punt(POLL_S)
+        if got is not None:
+            msg_type, seq, offset, length = got
+            try:
+                self._handle(rings, Message(msg_type, seq, rings.request.view(offset, length)))
+            finally:
+                team.punt_done()
+            return
+        reason = team.exit_reason()
+        if reason is not None:
+            raise RingClosedError(f"the resident team stopped: {reason}")
+        rings.peer_check()
+
+    def _stop_team(self) -> None:
+        """Stops and joins the team; its counters move into SidecarState. Never with a punt outstanding."""
+        team, self._team, self._team_kv = self._team, None, None
+        if team is None:
+            return
+        team.stop()
+        handled, errors, busy_s = _team_counters(team)
+        self.state.messages_processed += handled
+        self.state.errors += errors
+        self.state.busy_s += busy_s
 
     def _handle(self, rings: _Rings, msg: Message) -> None:
         """Answers one request. NOTE: each handler reserves its response slot BEFORE taking the KV lock: waiting
@@ -363,6 +469,13 @@ class DataPlane:
         rings.producer.commit(m.MsgType.KV_DATA)
 
 
+def _team_counters(team: Any) -> tuple[int, int, float]:
+    if team is None:
+        return 0, 0, 0.0
+    st = team.stats()
+    return st["handled"], st["errors"], st["busy_ns"] / 1e9
+
+
 def _error_code(exc: BaseException) -> tuple[m.ErrorCode, str]:
     if isinstance(exc, DataPlaneError):
         return exc.code, str(exc)
@@ -379,27 +492,19 @@ def _error_code(exc: BaseException) -> tuple[m.ErrorCode, str]:
 
 # ------------------------------------------------------------------------------------------------- gRPC service
 
-_STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
-]
-
-
 def _map_errors(method: Callable) -> Callable:
-    """The one place that turns exceptions into gRPC status codes."""
+    """Turns exceptions into gRPC status codes by the project's one table (neoserve/error_status.py)."""
 
     @functools.wraps(method)
     def wrapper(self: "CpuAttentionServicer", request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            for exc_type, code in _STATUS_OF:
-                if isinstance(exc, exc_type):
-                    context.abort(code, str(exc))
+            status = status_of(exc)
+            if status is not INTERNAL:
+                context.abort(status.grpc_code, str(exc))
             log.error("control: %s failed: %s", method.__name__, traceback.format_exc())
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            context.abort(INTERNAL.grpc_code, f"{type(exc).__name__}: {exc}")
 
     return wrapper
 
@@ -462,10 +567,12 @@ class CpuAttentionServicer(pb_grpc.CpuAttentionServiceServicer):
         with state.lock:
             kv_stats = state.kv.stats() if state.kv is not None else {}
             tokens = {s: int(state.kv.num_tokens(s)) for s in state.sequences} if state.kv is not None else {}
+            team_messages, team_errors, team_busy_s = self.server.data_plane.team_counters()
             resp = pb.SidecarStatsResponse(
                 configured=state.kv is not None, num_sequences=len(state.sequences),
-                total_tokens=sum(tokens.values()), messages_processed=state.messages_processed,
-                errors=state.errors, busy_seconds=state.busy_s, uptime_seconds=time.monotonic() - state.started)
+                total_tokens=sum(tokens.values()), messages_processed=state.messages_processed + team_messages,
+                errors=state.errors + team_errors, busy_seconds=state.busy_s + team_busy_s,
+                uptime_seconds=time.monotonic() - state.started)
         for key in ("blocks_used", "blocks_total", "bytes_used", "bytes_total"):
             if isinstance(kv_stats.get(key), (int, float)):
                 setattr(resp, key, int(kv_stats[key]))
