@@ -57,3 +57,21 @@ def test_modes_are_defined_once():
                                                         for t in node.targets):
                     definitions.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
     assert len(definitions) == 1 and definitions[0].startswith("gpu_worker/config.py:"), definitions
+
+
+def test_readme_starts_with_the_two_commands_and_quotes_only_measured_figures():
+    """README's headline once claimed "serves more concurrent requests on the same GPU", which no measurement backed
+    (BENCHMARKS.md shows auto below gpu-only on the H200). Its first lines stay the set-up+run and test commands; a
+    speed ratio it quotes must be one BENCHMARKS.md measured."""
+    import re
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert readme.startswith("# neoserve\n\n```bash\n")
+    assert first_block.splitlines() == [
+        'bash scripts/setup.sh && .venv/bin/neoserve serve --once "Why is the sky blue?" --chat --max-tokens 64',
+        "bash scripts/test.sh"]
+    assert "more concurrent requests" not in readme
+    benchmarks = (PROJECT_ROOT / "BENCHMARKS.md").read_text()
+    for ratio in re.findall(r"\b\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?x\b", readme):
+        assert ratio in benchmarks, f"README quotes {ratio}, which BENCHMARKS.md does not show"
