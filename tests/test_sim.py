@@ -67,8 +67,11 @@ def test_forward_time_memory_bound_and_compute_bound():
     # 100 decodes over 50 context tokens: read 1000 + 50*8 = 1400 B -> 1.4 s;
     # FLOPs 2*100*288 + 2*100*40 + 4*2*4*50 = 57600 + 8000 + 1600 = 67200 -> 6.72 s: compute-bound
     assert r.forward_time(100, 50, 0, 100) == pytest.approx(6.72)
-    # per-token cost adds on top of the roofline
-    assert toy_roofline(per_token_s=0.01).forward_time(1, 0, 0, 1) == pytest.approx(1.01)
+    # the step's own costs come on top, once per step: fixed + per token, or the probe's measured curve
+    assert toy_roofline(per_token_s=0.01).step_overhead(10) == pytest.approx(0.5 + 0.1)
+    curved = toy_roofline(overhead_curve=((1, 0.2), (4, 0.5), (16, 0.6)))
+    assert [curved.step_overhead(n) for n in (1, 2, 4, 10, 16, 28)] == pytest.approx([0.2, 0.3, 0.5, 0.55, 0.6, 0.7])
+    assert curved.step_overhead(0) == pytest.approx(0.1)
     # the CostModel face adds the per-pass fixed cost
     assert toy_roofline(forward_fixed_s=0.2).gpu_time(1, 0) == pytest.approx(1.2)
     assert r.gpu_time(0, 0) == 0.0
@@ -198,3 +201,32 @@ def test_plan_end_to_end(tmp_path, capsys):
     assert set(result["slo"]["per_mode"]) == {"gpu-only", "auto", "cpu-all"}
     assert (tmp_path / "plan.md").read_text().startswith("| mode |")
     assert "gpu-only" in capsys.readouterr().out
+
+
+# --- probe helpers (no measurement) -------------------------------------------------------------------------------------
+def test_probe_thread_split_follows_the_launcher():
+    from gateway.launcher import plan_cpus
+    from gpu_worker.probe import worker_and_sidecar_threads
+
+    for cores in (1, 2, 4, 16):
+        for on_gpu in (False, True):
+            alone, beside, sidecar = worker_and_sidecar_threads(cores, on_gpu)
+            cpus = list(range(cores))
+            assert alone == plan_cpus(cpus, sidecar_busy=False, worker_on_gpu=on_gpu).worker_threads
+            busy = plan_cpus(cpus, sidecar_busy=True, worker_on_gpu=on_gpu)
+            assert (beside, sidecar) == (busy.worker_threads, busy.sidecar_threads)
+
+
+def test_probe_fit_recovers_a_known_overhead():
+    from gpu_worker.probe import fit_step_costs
+
+    mem_bw, flops, weights, kvb = 1000.0, 1e4, 1000.0, 8
+    r = toy_roofline(mem_bw=mem_bw, flops=flops, step_fixed_s=0.0)
+    points = []
+    for n, extra in ((1, 0.3), (4, 0.6), (16, 0.9)):
+        points.append({"kind": "decode", "tokens": n, "context": 10 * n,
+                       "seconds": r.forward_time(n, 10 * n, 0, n) + extra})
+    fit = fit_step_costs(points, SHAPE, weights, kvb, mem_bw, flops)
+    assert [t for t, _ in fit["overhead_curve_ms"]] == [1, 4, 16]
+    assert [ms for _, ms in fit["overhead_curve_ms"]] == pytest.approx([300.0, 600.0, 900.0])
+    assert fit["per_token_us"] > 0 and fit["step_fixed_ms"] > 0

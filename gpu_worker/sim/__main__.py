@@ -26,6 +26,7 @@ from gpu_worker.sim.driver import SimConfig, cpu_kv_blocks, gpu_kv_blocks, simul
 from gpu_worker.sim.host import HostProfile
 from gpu_worker.sim.model_shape import DTYPE_BYTES, ModelShape, resolve
 from gpu_worker.sim.roofline import Roofline, build
+from neoserve.errors import ModelLoadError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         planner = Planner(args)
-    except (ValueError, KeyError, OSError) as e:
+    except (ModelLoadError, ValueError, KeyError, OSError) as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
     rates = ["trace"] if args.trace else _rates(args.rates)

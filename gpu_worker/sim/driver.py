@@ -148,7 +148,7 @@ def simulate(requests: list[Request], cfg: SimConfig, roofline: Roofline, num_gp
             if idle > MAX_IDLE_STEPS:
                 raise RuntimeError(f"the scheduler scheduled nothing {MAX_IDLE_STEPS} steps in a row at "
                                    f"t={clock.now:.3f} s ({len(sched.running)} running, {len(sched.waiting)} waiting)")
-            clock.advance(max(roofline.device.step_fixed_s, 1e-4))
+            clock.advance(max(roofline.step_overhead(0), 1e-4))
             continue
         idle = 0
         dt = roofline.step_time(out)

@@ -25,6 +25,10 @@ def _num(x, default: float | None = None) -> float | None:
     return float(x)
 
 
+def _curve(section: dict) -> tuple[tuple[int, float], ...]:
+    return tuple((int(t), 1e-3 * float(ms)) for t, ms in section.get("overhead_curve_ms", ()))
+
+
 @dataclass(frozen=True)
 class DeviceCosts:
     """What one step costs on the worker's device, beyond the roofline of its bytes and FLOPs."""
@@ -36,6 +40,9 @@ class DeviceCosts:
     per_token_s: float  # per token of the step, beyond its FLOPs (row bookkeeping, sampling, logits)
     threads: int | None = None  # the worker's threads where the device is the CPU
     weight_bytes: float | None = None  # the engine's weights as loaded (measured; None: from the shape and dtype)
+    # (tokens, seconds) a measured step took beyond its roofline, at the probe's batch sizes; when present it
+    # replaces step_fixed_s + per_token_s (interpolated between the points, extended linearly past them)
+    overhead_curve: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -140,7 +147,7 @@ class HostProfile:
                                step_fixed_s=1e-3 * _num(e["step_fixed_ms"]),
                                forward_fixed_s=1e-3 * _num(e.get("forward_fixed_ms"), 0.0),
                                per_token_s=1e-6 * _num(e["per_token_us"]), threads=int(_num(e.get("threads"), 0)),
-                               weight_bytes=_num(e.get("weight_bytes")))
+                               weight_bytes=_num(e.get("weight_bytes")), overhead_curve=_curve(e))
         d = self.device
         flops_table = d.get("tflops", {})
         tflops = _num(flops_table.get(dtype)) if isinstance(flops_table, dict) and "value" not in flops_table \
@@ -149,7 +156,8 @@ class HostProfile:
                            flops=1e12 * tflops * _num(d.get("flops_efficiency"), 1.0),
                            step_fixed_s=1e-3 * _num(eng.get("step_fixed_ms"), 0.0),
                            forward_fixed_s=1e-3 * _num(eng.get("forward_fixed_ms"), 0.0),
-                           per_token_s=1e-6 * _num(eng.get("per_token_us"), 0.0))
+                           per_token_s=1e-6 * _num(eng.get("per_token_us"), 0.0),
+                           weight_bytes=_num(eng.get("weight_bytes")), overhead_curve=_curve(eng))
 
     def engine_model(self) -> dict | None:
         """The model shape the probe measured the engine with (a ModelShape dict), if any."""

@@ -52,7 +52,7 @@ class Roofline:
 
     # --- parts ----------------------------------------------------------------------------------------------------
     def forward_time(self, tokens: int, decode_context: int, prefill_pairs: int, samples: int) -> float:
-        """One pass through the layers (no fixed cost): max(bytes / bandwidth, FLOPs / rate) + per-token costs.
+        """One pass through the layers (no fixed cost): max(bytes / bandwidth, FLOPs / rate).
         decode_context: the context tokens of the decodes whose attention runs on the device; prefill_pairs: the
         (query, key) pairs of the prefill chunks' attention; samples: rows that go through the LM head."""
         if tokens <= 0:
@@ -61,7 +61,15 @@ class Roofline:
         read = self.weight_bytes + decode_context * self.kv_bytes_per_token
         flops = (2 * tokens * s.num_layers * s.layer_params + 2 * samples * s.lm_head_params
                  + 4 * s.num_layers * s.q_size * (decode_context + prefill_pairs))
-        return tokens * self.device.per_token_s + max(read / self.device.mem_bw, flops / self.device.flops)
+        return max(read / self.device.mem_bw, flops / self.device.flops)
+
+    def step_overhead(self, tokens: int) -> float:
+        """What a step of `tokens` tokens costs beyond its roofline: the measured curve where the probe made one,
+        else the fixed cost plus the per-token cost."""
+        curve = self.device.overhead_curve
+        if not curve:
+            return self.device.step_fixed_s + tokens * self.device.per_token_s
+        return _interpolate(curve, tokens)
 
     def row_moves(self, rows: int) -> float:
         """PCIe time of `rows` CPU decodes' hand-offs over all layers: q, k, v to the host, the output back."""
@@ -103,11 +111,24 @@ class Roofline:
             t = max(g_a, c_b) + max(g_b, c_a)
         else:
             t = g_a + c_a
-        return t + self.device.step_fixed_s + self.swap_time(out)
+        return t + self.step_overhead(tokens + len(a) + len(b)) + self.swap_time(out)
 
     def weights_read_time(self) -> float:
         """T_w: reading every weight once at the device's bandwidth."""
         return self.weight_bytes / self.device.mem_bw
+
+
+def _interpolate(points: tuple[tuple[int, float], ...], x: int) -> float:
+    """Piecewise-linear through (tokens, seconds), extended linearly past either end, never below zero.
+
+    NOTE: bisect-free: the probe writes a handful of points."""
+    if len(points) == 1:
+        return points[0][1]
+    i = 1
+    while i < len(points) - 1 and points[i][0] < x:
+        i += 1
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 
 
 def _context(seqs: list[ScheduledSeq]) -> int:
