@@ -326,13 +326,15 @@ class DataPlane:
         shape = self.state.shape
         if index is None or shape is None:
             return
-        cpus = self.config.cpus or sorted(os.sched_getaffinity(0))
+        # NOTE: each thread is pinned to one of the sidecar's cores only where the launcher gave it cores of its
+        # own (--cpus); on shared cores a pinned thread waits for its one core while another sits idle.
+        cpus = self.config.cpus or []
         team = Team(index, rings.request._mapping(), rings.response._mapping(), shape.num_heads,
                     shape.softmax_scale, self.config.threads, cpus, int(self.policy.spin_us * 1e3))
         team.start()
         self._team, self._team_kv = team, kv
-        log.info("resident team of %d thread(s) on CPUs %s serves the rings of client %d", self.config.threads,
-                 cpus, rings.client_pid)
+        log.info("resident team of %d thread(s) (pinned to CPUs %s) serves the rings of client %d",
+                 self.config.threads, cpus or "none", rings.client_pid)
 
     def _serve_punts(self, rings: _Rings, team: Any) -> None:
         """Answers one record the team handed over (or waits a poll slice), and watches the client."""

@@ -137,6 +137,9 @@ class SidecarClient:
         self.shape: AttnShape | None = None
         # ticket -> (start_ns, end_ns) of the sidecar's attention work, CLOCK_MONOTONIC; set to a dict to record
         self.trace: dict[int, tuple[int, int]] | None = None
+        # ticket -> (committed_ns, answered_ns): when this client published the request and when it found the
+        # answer, CLOCK_MONOTONIC (bench/bench_handoff.py); set to a dict to record
+        self.trace_client: dict[int, tuple[int, int]] | None = None
         self.pid = 0
         self._pid_start = 0
 
@@ -527,6 +530,8 @@ class SidecarClient:
     def _publish(self, tag: int, msg_type: m.MsgType, pending: _Pending) -> None:
         self._pending[tag] = pending
         self._order.append(tag)
+        if self.trace_client is not None:
+            self.trace_client[tag] = (time.monotonic_ns(), 0)
         self._producer.commit(msg_type)
 
     def _receive_one(self, deadline: float) -> None:
@@ -537,6 +542,8 @@ class SidecarClient:
         except (TimeoutError, RingError, BackendUnavailableError) as exc:
             self._peer_check_quiet()
             raise self._fail(exc) from None
+        if self.trace_client is not None and self._order and self._order[0] in self.trace_client:
+            self.trace_client[self._order[0]] = (self.trace_client[self._order[0]][0], time.monotonic_ns())
         self._handle_response(msg)
 
     def _peer_check_quiet(self) -> None:
