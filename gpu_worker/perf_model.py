@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 LINEAR_POINTS = (1, 8, 32, 128, 512)
 PROFILE_SEQ_ID_BASE = 2**62  # sequence ids no request uses
+# The hand-off profile's probe: PROBE_SEQS short sequences (up to 16 tokens) and PROBE_SEQS long ones (up to 512,
+# fewer when the sidecar's KV budget is small) in the sidecar at once; it needs PROBE_MIN_BLOCKS of its KV blocks.
+PROBE_SEQS = 4
+PROBE_MIN_BLOCKS = 12
 FORMAT_VERSION = 4
 # NOTE: a cache file no start has read for this long is deleted (its hardware or settings are likely gone); every
 # hit refreshes its file's mtime, so a file in use never ages out.
@@ -170,22 +174,22 @@ def profile(runner, sidecar) -> PerfModel:
 
 def _profile_hand_off(runner, sidecar) -> tuple[float, float, float]:
     """Seconds per layer of one sub-batch's CPU attention, as the step runs it: (per call, per sequence, per context
-    token), from three probes (1 and 4 short sequences, 4 long ones)."""
+    token), from three probes (1 and PROBE_SEQS short sequences, PROBE_SEQS long ones)."""
     mc, dev, dtype = runner.model_config, runner.device, runner.dtype
     stats = sidecar.stats(per_sequence=False)
     block = int(stats["kv_stats"].get("block_size", 128)) or 128
-    if int(stats["blocks_total"]) < 12:
+    if int(stats["blocks_total"]) < PROBE_MIN_BLOCKS:
         raise ValueError(f"cpu_kv_gib: the sidecar's KV cache holds {stats['blocks_total']} blocks of {block} tokens; "
-                         "the profile needs at least 12")
+                         f"the profile needs at least {PROBE_MIN_BLOCKS}")
     short = min(16, block)
-    long = min(512, (int(stats["blocks_total"]) // 4 - 1) * block)  # 4 long + 4 short sequences fit
-    ids = [PROFILE_SEQ_ID_BASE + i for i in range(8)]  # 4 short, 4 long
-    q = torch.randn(4, mc.num_heads, mc.head_dim, device=dev, dtype=dtype)
-    kv = torch.randn(4, mc.num_kv_heads, mc.head_dim, device=dev, dtype=dtype)
+    long = min(512, (int(stats["blocks_total"]) // PROBE_SEQS - 1) * block)  # the long and the short ones fit
+    ids = [PROFILE_SEQ_ID_BASE + i for i in range(2 * PROBE_SEQS)]  # short ones first, then the long ones
+    q = torch.randn(PROBE_SEQS, mc.num_heads, mc.head_dim, device=dev, dtype=dtype)
+    kv = torch.randn(PROBE_SEQS, mc.num_kv_heads, mc.head_dim, device=dev, dtype=dtype)
     sidecar.create_sequences(ids)
     try:
         for i, s in enumerate(ids):
-            n = (short if i < 4 else long) - 1  # the probe appends the last token, as a decode step does
+            n = (short if i < PROBE_SEQS else long) - 1  # the probe appends the last token, as a decode step does
             k = torch.randn(n, mc.num_kv_heads, mc.head_dim)
             sidecar.upload_kv(s, 0, 0, k, k)
 
@@ -197,11 +201,11 @@ def _profile_hand_off(runner, sidecar) -> tuple[float, float, float]:
                 runner.collect_cpu_rows(ticket, q.new_empty(n, mc.q_size), n)
             return _timed(one_call, dev, reps=5)
 
-        t1s, t4s, t4l = probe(ids[:1], short), probe(ids[:4], short), probe(ids[4:], long)
+        t1s, t4s, t4l = probe(ids[:1], short), probe(ids[:PROBE_SEQS], short), probe(ids[PROBE_SEQS:], long)
     finally:
         sidecar.free_sequences(ids)
-    per_token = max(t4l - t4s, 1e-9) / (4 * (long - short))
-    per_seq = max((t4s - t1s) / 3 - short * per_token, 0.0)
+    per_token = max(t4l - t4s, 1e-9) / (PROBE_SEQS * (long - short))
+    per_seq = max((t4s - t1s) / (PROBE_SEQS - 1) - short * per_token, 0.0)
     base = max(t1s - per_seq - short * per_token, 0.0)
     return base, per_seq, per_token
 

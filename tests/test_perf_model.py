@@ -14,6 +14,7 @@ from gpu_worker import perf_model
 from gpu_worker.config import EngineConfig
 from gpu_worker.perf_model import PerfModel
 from gpu_worker.pipeline_planner import PipelinePlanner
+from tests.live_server import PROJECT_ROOT
 from tests.test_scheduler import FakeCost, fake_neo_step, make_seq, neo_scheduler
 
 
@@ -71,7 +72,7 @@ class _Sidecar:
 def _runner(**config) -> SimpleNamespace:
     """What profile_key reads of a ModelRunner: the model's shape, the worker config, device, dtype, graphs."""
     shape = SimpleNamespace(architecture="llama", num_layers=30, hidden_size=576, intermediate_size=1536,
-                            num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152)
+                            num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152, q_size=9 * 64)
     return SimpleNamespace(model_config=shape, config=EngineConfig(mode="auto", device="cpu", **config),
                            device=torch.device("cpu"), dtype=torch.float32, graphs=None)
 
@@ -137,3 +138,54 @@ def test_stale_cache_files_are_pruned(cache):
     left = {name for name, path in files.items() if path.exists()}
     assert left == {"other_config", "not_ours"}, left
     assert current.exists() and time.time() - current.stat().st_mtime < 3600
+
+
+# --- the hand-off profile's probe (docs/RELIABILITY.md, known gap 4) -------------------------------------------------
+
+class _ProbeSidecar:
+    """A sidecar with `blocks` KV blocks of 16 tokens that records what the profile puts in it."""
+
+    def __init__(self, blocks: int):
+        self.blocks = blocks
+        self.created: list[int] = []
+        self.uploaded: dict[int, int] = {}
+
+    def stats(self, per_sequence: bool = True) -> dict:
+        return {"kv_stats": {"block_size": 16.0}, "blocks_total": self.blocks}
+
+    def create_sequences(self, ids):
+        self.created += list(ids)
+
+    def upload_kv(self, seq, layer, start, k, v):
+        self.uploaded[seq] = start + k.shape[0]
+
+    def free_sequences(self, ids):
+        assert sorted(ids) == sorted(self.created)
+
+
+class _ProbeRunner(SimpleNamespace):
+    def stage_cpu_rows(self, layer, seqs, contexts, q, k, v):
+        return len(seqs)
+
+    def submit_cpu_rows(self, staged):
+        return staged
+
+    def collect_cpu_rows(self, ticket, out, n):
+        assert ticket == n
+
+
+def test_hand_off_probe_uses_8_sequences_and_needs_12_blocks():
+    """docs/RELIABILITY.md once said 4 probe sequences and 4 blocks; the profile probes 4 short and 4 long ones."""
+    runner = _ProbeRunner(**vars(_runner()))
+    with pytest.raises(ValueError, match=r"cpu_kv_gib: .* holds 11 blocks .* needs at least 12"):
+        perf_model._profile_hand_off(runner, _ProbeSidecar(11))
+    sidecar = _ProbeSidecar(12)
+    base, per_seq, per_token = perf_model._profile_hand_off(runner, sidecar)
+    assert len(sidecar.created) == 8
+    # 16 tokens each for the short ones; the long ones fill what is left: 12 // 4 - 1 = 2 blocks of 16, the last
+    # token of each appended by the probe itself
+    assert sorted(sidecar.uploaded.values()) == [15] * 4 + [31] * 4
+    assert min(base, per_seq) >= 0 and per_token > 0
+    docs = " ".join((PROJECT_ROOT / "docs" / "RELIABILITY.md").read_text().split())  # NOTE: unwrapped lines
+    assert f"{2 * perf_model.PROBE_SEQS} probe sequences" in docs
+    assert f"fewer than {perf_model.PROBE_MIN_BLOCKS} KV blocks" in docs
