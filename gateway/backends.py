@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2
 
 from neoserve.errors import ModelLoadError
 from neoserve.internal.v1 import sidecar_pb2, sidecar_pb2_grpc
+from neoserve.model_defaults import load_generation_defaults
 from neoserve.tokenizer import Tokenizer
 
 from gateway.admission import Admission
@@ -88,6 +89,8 @@ class BackendMonitor:
             raise
         if tokenizer.vocab_size > info.vocab_size:
             log.warning("tokenizer vocab %d > model vocab %d", tokenizer.vocab_size, info.vocab_size)
+        self._model.defaults = await asyncio.to_thread(load_generation_defaults, self._model_spec)
+        log.info("sampling fields a request leaves unset come from %s", self._model.defaults.source)
         self._model.tokenizer = tokenizer
         self._model.info = info
         log.info("serving %s (vocab %d, context %d) via worker at %s", info.model_id, info.vocab_size,

@@ -28,6 +28,8 @@ class GatewayConfig(CliConfig):
     served_model_name: str | None = flag(None, "model id of the OpenAI HTTP API (default: the id the worker "
                                          "reports: smollm2-135m-instruct for the embedded model, else a slug of "
                                          "the checkpoint's file or folder name)")
+    # NOTE: 16 MiB holds the longest prompt the gateway takes (4,000,000 characters, gateway/requests.py) as UTF-8.
+    http_max_body_mib: float = flag(16.0, "largest OpenAI HTTP request body in MiB; larger ones get 413")
     port_file: str | None = flag(None, "write the bound ports here as JSON once listening")
     # NOTE: the worker keeps its own waiting queue (the NEO scheduler wants more requests than the GPU holds),
     # so max_inflight is deliberately larger than the engine's max_num_seqs.
@@ -52,6 +54,8 @@ class GatewayConfig(CliConfig):
                 raise ValidationError(name, f"must be in [0, 65535], got {getattr(self, name)} (-1 disables)")
         if self.http_port > 0 and self.http_port in (self.port, self.metrics_port):
             raise ValidationError("http_port", f"port {self.http_port} is already the gRPC or the metrics port")
+        if not 0 < self.http_max_body_mib <= 1024:
+            raise ValidationError("http_max_body_mib", f"must be in (0, 1024], got {self.http_max_body_mib}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValidationError("served_model_name", "must not be empty")
         if self.max_inflight < 1:

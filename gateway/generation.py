@@ -23,6 +23,7 @@ from typing import AsyncIterator, Callable, TypeVar
 from neoserve.detokenizer import IncrementalDetokenizer
 from neoserve.internal.v1 import worker_pb2
 from neoserve.outputs import TokenLogprob
+from neoserve.sampling_params import NEUTRAL_DEFAULTS, GenerationDefaults
 
 from gateway.admission import Admission
 from gateway.metrics import GatewayMetrics
@@ -43,6 +44,8 @@ class ModelState:
     def __init__(self) -> None:
         self.tokenizer = None
         self.info: worker_pb2.InfoResponse | None = None
+        # What requests that leave a sampling field unset get (neoserve/model_defaults.py); loaded with the tokenizer.
+        self.defaults: GenerationDefaults = NEUTRAL_DEFAULTS
 
     @property
     def ready(self) -> bool:

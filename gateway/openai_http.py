@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   POST /v1/completions    (stream: server-sent events ending with "data: [DONE]")
     GET  /v1/models             GET  /v1/models/{name}
-    GET  /health                GET  /metrics            (open: no API key, like the gRPC health service)
+    GET  /health                (open: no API key, like the gRPC health service)
+    GET  /metrics               (needs the API key when one is set: the counters describe the server's traffic)
 
 Every request goes through gateway/generation.py, the same code path as gRPC Generate: same admission queue
 (429 + Retry-After when full, 503 while draining), same validation, same metrics, same API key
@@ -14,7 +15,12 @@ worker and frees its KV cache. A write to a gone client ends the stream the same
 
 Status codes: errors found before the first token (validation, a full queue, draining, worker errors) get their
 HTTP status. A stream that fails after its 200 header was sent ends with one `data: {"error": {...}}` event and
-`data: [DONE]`, as vLLM does; the OpenAI SDKs raise it as an APIError.
+`data: [DONE]`, as vLLM does; the OpenAI SDKs raise it as an APIError. A stream the drain timeout cuts ends that
+way too, with a 503 error saying the server is shutting down.
+
+Bodies: at most `max_body_bytes` each (413 beyond it, refused before reading when Content-Length says so), and at
+most twice that read and parsed at once (gateway/body_budget.py), so a burst of large requests cannot run the
+gateway out of memory. A body is dropped once its request is tokenized.
 """
 
 from __future__ import annotations
@@ -30,16 +36,20 @@ from typing import Any, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from neoserve.errors import AuthenticationError, ModelNotFoundError, RequestTooLargeError
+
 from gateway import openai_protocol as protocol
 from gateway.auth import ApiKeyCheck
+from gateway.body_budget import BodyBudget
 from gateway.generation import Finished, GenerationService, TextDelta
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024  # NOTE: as the gRPC port's max_receive_message_length
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # gateway/config.py's --http-max-body-mib says why
+BODIES_AT_ONCE = 2  # NOTE: the body budget holds this many maximum-size bodies; smaller ones share it
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}  # NOTE: tells nginx-style proxies not to buffer the stream
-OPEN_PATHS = ("/health", "/metrics")
+OPEN_PATHS = ("/health",)
 
 
 def _json(obj: Any) -> bytes:
@@ -57,8 +67,10 @@ def _sse(obj: Any) -> bytes:
 class OpenAIServer:
     def __init__(self, service: GenerationService, *, api_key: str | None = None,
                  served_model_name: str | None = None, serving: Callable[[], bool] = lambda: True,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self._service = service
+        self._max_body = max_body_bytes
+        self._bodies = BodyBudget(BODIES_AT_ONCE * max_body_bytes)
         self._auth = ApiKeyCheck(api_key) if api_key else None
         self._served_name = served_model_name
         self._serving = serving
@@ -68,7 +80,7 @@ class OpenAIServer:
         self.port: int | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors_and_auth], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[self._errors_and_auth], client_max_size=self._max_body)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
@@ -100,11 +112,10 @@ class OpenAIServer:
 
     @web.middleware
     async def _errors_and_auth(self, request: web.Request, handler) -> web.StreamResponse:
-        if self._auth is not None and not request.path.startswith(OPEN_PATHS) and not self._auth.allowed(
+        if self._auth is not None and request.path not in OPEN_PATHS and not self._auth.allowed(
                 (k.lower(), v) for k, v in request.headers.items()):
-            return _error(401, protocol.error_body(
-                "missing or invalid API key (send the header 'Authorization: Bearer KEY')",
-                "invalid_request_error", code="invalid_api_key"))
+            return _error(*protocol.error_response(AuthenticationError(
+                "missing or invalid API key (send the header 'Authorization: Bearer KEY')")))
         try:
             return await handler(request)
         except web.HTTPException as exc:  # unknown path, wrong method, body too large: OpenAI-shaped too
@@ -137,7 +148,7 @@ class OpenAIServer:
         try:
             model = self._service.require_ready()
             if request.match_info["name"] not in self._model_names(model):
-                raise protocol.ModelNotFoundError(request.match_info["name"])
+                raise ModelNotFoundError(request.match_info["name"])
         except Exception as exc:  # noqa: BLE001
             return _error(*protocol.error_response(exc))
         name = protocol.served_model_name(self._served_name, model)
@@ -153,16 +164,15 @@ class OpenAIServer:
 
     async def _generate(self, request: web.Request, parse) -> web.StreamResponse:
         arrival = time.perf_counter()
-        raw = await request.read()
         service = self._service
         try:
-            req = await service.prepare(lambda model: parse(protocol.load_body(raw), model, self._model_names(model)))
+            req, logged = await self._parse(request, parse)
         except Exception as exc:  # noqa: BLE001 - the status mapping decides
             return _error(*protocol.error_response(exc))
         rid = service.new_request_id()
         fmt = protocol.response_format(req, rid, service.model.tokenizer)
         events = service.generate(rid, req.prepared, arrival=arrival, label=request.headers.get("X-Request-Id", ""),
-                                  raw=raw)
+                                  raw=logged)
         # NOTE: aclosing: however the handler ends (done, client gone, cancelled), the generation is closed, which
         # aborts an unfinished request in the worker.
         async with contextlib.aclosing(events):
@@ -177,6 +187,33 @@ class OpenAIServer:
             except Exception as exc:  # noqa: BLE001
                 return _error(*protocol.error_response(exc))
             return await self._stream(request, fmt, first, events)
+
+    async def _parse(self, request: web.Request, parse) -> tuple[protocol.OpenAIRequest, bytes | None]:
+        """The parsed request, and its body when --log-prompts wants it logged (else None: the body is dropped
+        here, so a long generation does not keep megabytes of JSON alive)."""
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise self._too_large(length)  # NOTE: before reading: the bytes never enter the gateway
+        async with self._bodies.hold(self._max_body if length is None else length):
+            raw = await self._read_body(request)
+            req = await self._service.prepare(
+                lambda model: parse(protocol.load_body(raw), model, self._model_names(model)))
+        return req, (bytes(raw) if self._service.log_prompts else None)
+
+    async def _read_body(self, request: web.Request) -> bytearray:
+        # NOTE: not request.read(): that keeps the bytes on the request object for as long as the handler runs.
+        body = bytearray()
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > self._max_body:
+                raise self._too_large(None)
+        return body
+
+    def _too_large(self, length: int | None) -> RequestTooLargeError:
+        size = "" if length is None else f" ({length / 2**20:.1f} MiB)"
+        return RequestTooLargeError(
+            f"body: the request body{size} is larger than this server's limit of {self._max_body / 2**20:g} MiB; "
+            "send a shorter prompt (the limit is the gateway's --http-max-body-mib)")
 
     async def _stream(self, request: web.Request, fmt: protocol.ResponseFormat, first: TextDelta | Finished,
                       events) -> web.StreamResponse:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import grpc
-
-from neoserve.errors import ValidationError
+from neoserve.errors import ModelNotFoundError, ValidationError
 from neoserve.outputs import TokenLogprob
-from neoserve.sampling_params import SamplingParams, validate_prompt
+from neoserve.sampling_params import NEUTRAL_DEFAULTS, GenerationDefaults, resolve, validate_prompt
 from neoserve.tokenizer import ids_to_bytes
 
 from gateway import requests
@@ -37,6 +36,9 @@ CHAT = "chat"
 COMPLETION = "completion"
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's (and vLLM's) default for /v1/completions
+# NOTE: the deepest a request's own fields nest is messages[i].content[j].text (4 levels); the rest is headroom.
+MAX_JSON_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # NOTE: JSON has no -inf; a token the sampler filtered out has logprob -inf. vLLM reports such values as -9999.
 MIN_LOGPROB = -9999.0
 
@@ -56,25 +58,6 @@ _UNSUPPORTED = {
     "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
 }
-
-# gRPC code of a Failure -> (HTTP status, OpenAI error type, error code)
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
-    # NOTE: OpenAI's own 429 bodies name the kind of limit as the type ("requests", "tokens"); ours is requests.
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "requests", "rate_limit_exceeded"),
-    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
-    grpc.StatusCode.INTERNAL: (500, "server_error", None),
-}
-
-
-class ModelNotFoundError(ValidationError):
-    """The request names a model this server does not serve (404)."""
-
-    def __init__(self, name: str):
-        super().__init__("model", f"the model '{name}' does not exist")
-
 
 @dataclass
 class OpenAIRequest:
@@ -111,14 +94,49 @@ def model_card(name: str, model: ModelState, created: int) -> dict[str, Any]:
 
 # --- parsing --------------------------------------------------------------------------------------------------------
 
-def load_body(raw: bytes) -> dict[str, Any]:
+def load_body(raw: bytes | bytearray) -> dict[str, Any]:
+    """The request's JSON object, checked for what JSON allows but no field here can take: nesting past
+    MAX_JSON_DEPTH and strings that are not Unicode text (a lone UTF-16 surrogate such as "\\ud800")."""
     try:
         body = json.loads(raw)
+    except RecursionError as e:
+        raise ValidationError("body", f"the JSON nests too deeply to parse (a request needs at most "
+                                      f"{MAX_JSON_DEPTH} levels)") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise ValidationError("body", f"could not parse the JSON body of the request: {e}") from e
     if not isinstance(body, dict):
         raise ValidationError("body", "the request body must be a JSON object")
+    _check_json(body)
     return body
+
+
+def _check_json(body: dict[str, Any]) -> None:
+    """Raises ValidationError naming the field ("messages[0].content") that nests too deep or holds a string
+    that is not valid Unicode. Iterative: the depth a parser accepts must not overflow this walk's stack."""
+    stack: list[tuple[str, Any, int]] = [(key, value, 1) for key, value in body.items()]
+    for key in body:
+        _check_text(key, "body")
+    while stack:
+        path, value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise ValidationError(path, f"nests deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _check_text(k, path)
+                    stack.append((f"{path}.{k}", v, depth + 1))
+            else:
+                stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value))
+
+
+def _check_text(text: str, field: str) -> None:
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ValidationError(field, f"contains a lone UTF-16 surrogate (\\u{ord(bad.group()):04x} at character "
+                                     f"{bad.start()}), which is not Unicode text; send valid UTF-8 or a \\u escape "
+                                     "pair")
 
 
 def parse_chat(body: dict[str, Any], model: ModelState, names: tuple[str, ...]) -> OpenAIRequest:
@@ -188,10 +206,15 @@ def _prepared(body: dict[str, Any], model: ModelState, ids: list[int], *, max_to
     stop = body.get("stop")
     if stop is not None:
         kwargs["stop"] = [stop] if isinstance(stop, str) else stop
-    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    params = resolve({"max_tokens": max_tokens, "logprobs": logprobs, **kwargs}, _defaults(model))
     validate_prompt(ids, params, max_model_len=model.info.max_model_len, vocab_size=model.info.vocab_size)
     return PreparedRequest(ids, params, skip_special_tokens=_bool(body, "skip_special_tokens", True),
                            include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False))
+
+
+def _defaults(model: ModelState) -> GenerationDefaults:
+    # NOTE: getattr: callers that describe a model by hand (tests, tools) may give no defaults: neutral ones then.
+    return getattr(model, "defaults", NEUTRAL_DEFAULTS)
 
 
 def _bool(body: dict[str, Any], name: str, default: bool, *, field: str | None = None) -> bool:
@@ -214,12 +237,16 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         role = m.get("role")
         if not isinstance(role, str):
             raise ValidationError(f"messages[{i}].role", "must be a string")
-        out.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
+        content = m.get("content")
+        if content is None and role != "assistant":
+            # NOTE: as the OpenAI API: only an assistant turn (one that called tools) may come without content.
+            raise ValidationError(f"messages[{i}].content", f"is required in a {role!r} message")
+        out.append({"role": role, "content": _content(content, f"messages[{i}].content")})
     return out
 
 
 def _content(content: Any, field: str) -> str:
-    if content is None:  # e.g. an assistant turn that only called tools
+    if content is None:  # an assistant turn that only called tools
         return ""
     if isinstance(content, str):
         return content
@@ -399,15 +426,14 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(HTTP status, error body, headers) for an exception raised while serving a request."""
-    if isinstance(exc, ModelNotFoundError):
-        return 404, error_body(exc.message, "invalid_request_error", "model", "model_not_found"), {}
     failure = classify(exc)
     log_if_internal(failure, exc)
-    status, type_, code = _HTTP_STATUS[failure.code]
+    status = failure.status
     headers = {}
     if failure.retry_after_ms is not None:
         # NOTE: Retry-After takes whole seconds; the OpenAI SDKs read the finer retry-after-ms first.
         headers = {"Retry-After": str(math.ceil(failure.retry_after_ms / 1000)),
                    "retry-after-ms": str(failure.retry_after_ms)}
     param = failure.field if failure.field != "body" else None
-    return status, error_body(failure.details, type_, param, code), headers
+    # NOTE: the message of an error that names a field still starts with it, as gRPC clients get it.
+    return status.http_status, error_body(failure.details, status.http_type, param, status.http_code), headers

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from neoserve.errors import ValidationError
 from neoserve.internal.v1 import worker_pb2
-from neoserve.sampling_params import SamplingParams, validate_prompt
+from neoserve.sampling_params import NEUTRAL_DEFAULTS, GenerationDefaults, SamplingParams, resolve, validate_prompt
 from neoserve.v1 import inference_service_pb2 as pb
 
-# Proto field name -> SamplingParams field name, for fields whose unset value is not SamplingParams' default.
+# Optional proto fields (and SamplingParams fields of the same name): unset ones get the model's defaults.
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed", "logprobs")
 MAX_CHAT_MESSAGES = 1024
@@ -32,8 +32,10 @@ class PreparedRequest:
     include_stop_str_in_output: bool = False
 
 
-def sampling_params_from_proto(sp: pb.SamplingParameters) -> tuple[SamplingParams, bool]:
-    """(SamplingParams, skip_special_tokens). Raises ValidationError naming the field."""
+def sampling_params_from_proto(sp: pb.SamplingParameters,
+                               defaults: GenerationDefaults = NEUTRAL_DEFAULTS) -> tuple[SamplingParams, bool]:
+    """(SamplingParams, skip_special_tokens); fields the request leaves unset get the model's `defaults`. Raises
+    ValidationError naming the field."""
     kwargs = {name: getattr(sp, name) for name in _OPTIONAL_FIELDS if sp.HasField(name)}
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in kwargs:
@@ -42,7 +44,7 @@ def sampling_params_from_proto(sp: pb.SamplingParameters) -> tuple[SamplingParam
     kwargs["stop_token_ids"] = list(sp.stop_token_ids)
     kwargs["ignore_eos"] = sp.ignore_eos
     kwargs["min_tokens"] = sp.min_tokens
-    params = SamplingParams(**kwargs)
+    params = resolve(kwargs, defaults)
     skip_special = sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True
     return params, skip_special
 
@@ -94,8 +96,9 @@ def prompt_token_ids(request, tokenizer) -> list[int]:
     raise ValidationError("input", "set one of prompt, chat or prompt_token_ids")
 
 
-def prepare(request: pb.GenerateRequest, tokenizer, *, max_model_len: int, vocab_size: int) -> PreparedRequest:
-    params, skip_special = sampling_params_from_proto(request.sampling)
+def prepare(request: pb.GenerateRequest, tokenizer, *, max_model_len: int, vocab_size: int,
+            defaults: GenerationDefaults = NEUTRAL_DEFAULTS) -> PreparedRequest:
+    params, skip_special = sampling_params_from_proto(request.sampling, defaults)
     ids = prompt_token_ids(request, tokenizer)
     validate_prompt(ids, params, max_model_len=max_model_len, vocab_size=vocab_size)
     return PreparedRequest(ids, params, skip_special)

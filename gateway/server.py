@@ -28,9 +28,12 @@ from gateway.generation import GenerationService, ModelState
 from gateway.metrics import GatewayMetrics
 from gateway.openai_http import OpenAIServer
 from gateway.servicer import InferenceServicer
+from gateway.status import DrainingError
 from gateway.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
+
+CUT_GRACE_S = 2.0  # after the drain timeout: how long cut requests get to send their error to their clients
 
 
 def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
@@ -93,7 +96,8 @@ class Gateway:
         self.http: OpenAIServer | None = None
         if config.http_port >= 0:
             self.http = OpenAIServer(self.service, api_key=config.api_key, served_model_name=config.served_model_name,
-                                     serving=lambda: self.monitor.serving, registry=self.metrics.registry)
+                                     serving=lambda: self.monitor.serving, registry=self.metrics.registry,
+                                     max_body_bytes=int(config.http_max_body_mib * 2**20))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name, health.SERVICE_NAME,
@@ -147,6 +151,12 @@ class Gateway:
         await self.monitor.set_serving(False)
         if not await self.admission.wait_idle(self.config.drain_timeout_s):
             log.warning("drain timeout: cutting %d streams", self.admission.inflight)
+            # NOTE: each cut request ends through its own transport's error path, so its client is told why:
+            # gRPC UNAVAILABLE with this message, HTTP a 503 or (mid-stream) an error event and [DONE].
+            self.worker.cut_all(DrainingError(
+                f"the server is shutting down: this request was still running when the drain timeout "
+                f"({self.config.drain_timeout_s:g} s) ended; retry it on another server"))
+            await self.admission.wait_idle(CUT_GRACE_S)
         if self.http is not None:
             await self.http.stop()
         await self.server.stop(grace=1.0)

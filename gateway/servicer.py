@@ -41,7 +41,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         arrival = time.perf_counter()
         service = self._service
         prepared = await service.prepare(lambda model: requests.prepare(
-            request, model.tokenizer, max_model_len=model.info.max_model_len, vocab_size=model.info.vocab_size))
+            request, model.tokenizer, max_model_len=model.info.max_model_len, vocab_size=model.info.vocab_size,
+            defaults=model.defaults))
         rid = service.new_request_id()
         events = service.generate(rid, prepared, arrival=arrival, label=request.request_id, raw=request)
         # NOTE: aclosing: a cancelled call closes the generator at once, which aborts the request in the worker.

@@ -1,20 +1,19 @@
-"""The one place that classifies the exceptions raised while serving a request.
+"""Classifies the exceptions raised while serving a request, by the one table in neoserve/error_status.py.
 
-`classify` turns an exception into a transport-neutral `Failure` (a gRPC status code is the neutral vocabulary:
-the metrics label failures with it whichever transport served the call). `status_for` renders a Failure for gRPC;
-gateway/openai_protocol.py renders it as an OpenAI-style HTTP error. So clients see the same outcome for the same
-cause whichever API they called (see the table at the top of protos/neoserve/v1/inference_service.proto).
+`classify` turns an exception into a transport-neutral `Failure`: its `Status` (gRPC code and HTTP status; the
+metrics label failures with the gRPC code whichever transport served the call) and the message, field and retry
+hint. `status_for` renders a Failure for gRPC; gateway/openai_protocol.py renders it as an OpenAI-style HTTP error.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
 import grpc
 
-from neoserve.errors import BackendUnavailableError, CapacityError, ValidationError
+from neoserve.error_status import INTERNAL, Status, status_of
+from neoserve.errors import AuthenticationError, BackendUnavailableError, CapacityError, DeadlineError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +28,30 @@ class NotReadyError(BackendUnavailableError):
     """The gateway has not loaded its tokenizer or reached the worker yet."""
 
 
-class AuthenticationError(Exception):
-    """Missing or wrong API key."""
+__all__ = ["AuthenticationError", "DeadlineError", "DrainingError", "NotReadyError", "Failure", "classify",
+           "status_for", "abort_with"]  # NOTE: the first two are re-exported: callers import them from here
 
 
-class DeadlineError(Exception):
-    """The call's deadline passed while the gateway was still working on it."""
+# Messages of exceptions raised without one.
+_DEFAULT_MESSAGE = {
+    grpc.StatusCode.UNAVAILABLE: "backend unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline exceeded",
+    grpc.StatusCode.UNAUTHENTICATED: "missing or invalid API key",
+}
 
 
 @dataclass(frozen=True)
 class Failure:
     """What went wrong, independent of the transport that reports it."""
 
-    code: grpc.StatusCode
+    status: Status
     message: str  # for people; without the field name
     field: str | None = None  # the request field at fault (INVALID_ARGUMENT)
     retry_after_s: float | None = None  # when to retry (RESOURCE_EXHAUSTED)
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.status.grpc_code
 
     @property
     def details(self) -> str:
@@ -58,17 +65,14 @@ class Failure:
 
 def classify(exc: BaseException) -> Failure:
     """The Failure an exception stands for. Pure: logging an internal error is the caller's job (log_if_internal)."""
+    status = status_of(exc)
+    if status is INTERNAL:
+        return Failure(status, f"internal error: {type(exc).__name__}: {exc}")
     if isinstance(exc, ValidationError):
-        return Failure(grpc.StatusCode.INVALID_ARGUMENT, exc.message, field=exc.field)
+        return Failure(status, exc.message, field=exc.field)
     if isinstance(exc, CapacityError):
-        return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry_after_s=exc.retry_after_s)
-    if isinstance(exc, BackendUnavailableError):
-        return Failure(grpc.StatusCode.UNAVAILABLE, str(exc) or "backend unavailable")
-    if isinstance(exc, (DeadlineError, asyncio.TimeoutError, TimeoutError)):
-        return Failure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded")
-    if isinstance(exc, AuthenticationError):
-        return Failure(grpc.StatusCode.UNAUTHENTICATED, str(exc) or "missing or invalid API key")
-    return Failure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        return Failure(status, str(exc), retry_after_s=exc.retry_after_s)
+    return Failure(status, str(exc) or _DEFAULT_MESSAGE.get(status.grpc_code, status.grpc_code.name.lower()))
 
 
 def log_if_internal(failure: Failure, exc: BaseException) -> None:
@@ -80,7 +84,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     """(code, details, trailing metadata) for an exception raised while serving a call."""
     failure = classify(exc)
     log_if_internal(failure, exc)
-    if failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if failure.retry_after_ms is not None:
         retry_ms = str(failure.retry_after_ms)
         return failure.code, f"{failure.details} (retry after {retry_ms} ms)", ((RETRY_AFTER_KEY, retry_ms),)
     return failure.code, failure.details, ()

@@ -51,6 +51,13 @@ class _StreamLost:
         self.reason = reason
 
 
+class _Cut:
+    """Marker put on a request's queue to end it with `error` (the gateway is shutting down)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
 class WorkerClient:
     def __init__(self, address: str, *, reconnect_delay_s: float = 0.2):
         self.address = address
@@ -115,6 +122,8 @@ class WorkerClient:
                 if isinstance(item, _StreamLost):
                     finished = True  # nothing to abort: the worker dropped the stream's requests
                     raise BackendUnavailableError(f"lost the worker stream: {item.reason}")
+                if isinstance(item, _Cut):
+                    raise item.error  # not finished: the finally below aborts it in the worker
                 if item.HasField("error"):
                     finished = True
                     raise error_from_record(item.error)
@@ -127,6 +136,13 @@ class WorkerClient:
             self._pending.pop(rid, None)
             if not finished and outbox is self._outbox:
                 outbox.put_nowait(rid)  # a str in the outbox means "abort this request"
+
+    def cut_all(self, error: Exception) -> int:
+        """Ends every open request with `error` (raised from its `generate`), which aborts it in the worker.
+        Returns how many were open."""
+        for queue in self._pending.values():
+            queue.put_nowait(_Cut(error))
+        return len(self._pending)
 
     async def _run(self) -> None:
         while not self._closed:

@@ -1,4 +1,4 @@
-"""Typed errors shared by every process. The gRPC layers map these to status codes in one place each."""
+"""Typed errors shared by every process. neoserve/error_status.py maps each to its gRPC and HTTP status."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ class ValidationError(NeoServeError, ValueError):
         self.message = message
 
 
+class ModelNotFoundError(ValidationError):
+    """The request names a model this server does not serve."""
+
+    def __init__(self, name: str):
+        super().__init__("model", f"the model '{name}' does not exist")
+
+
 class CapacityError(NeoServeError):
     """The server is full (queue bound reached). Retry later."""
 
@@ -24,9 +31,25 @@ class CapacityError(NeoServeError):
         self.retry_after_s = retry_after_s
 
 
+class RequestTooLargeError(NeoServeError):
+    """A request is larger than the server accepts. The message says the limit and the flag that sets it."""
+
+
 class ModelLoadError(NeoServeError):
     """A model could not be loaded. The message names the file and the field at fault."""
 
 
 class BackendUnavailableError(NeoServeError):
     """A process this request depends on (worker, sidecar) is gone."""
+
+
+class FailedPreconditionError(NeoServeError):
+    """The call is valid but not in the current state (e.g. reconfigure while sequences exist)."""
+
+
+class AuthenticationError(NeoServeError):
+    """Missing or wrong API key."""
+
+
+class DeadlineError(NeoServeError):
+    """The call's deadline passed while the server was still working on it."""

@@ -1,12 +1,15 @@
-"""Per-request generation parameters, validated on construction.
+"""Per-request generation parameters, validated on construction, and the one place that fills in what a request
+leaves unset from the model's own generation defaults (`resolve`).
 
-Shared by the gateway (which validates client input) and the worker (which samples with them).
+Shared by the gateway (which validates client input and resolves defaults) and the worker (which samples with
+the resolved values it is sent).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from neoserve.errors import ValidationError
 
@@ -15,6 +18,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = 2**63 - 1
+MAX_INT32 = 2**31 - 1  # NOTE: the public gRPC API carries these counts as int32; JSON integers have no bound
 
 
 def _number(name: str, value, *, integer: bool = False) -> float:
@@ -22,8 +26,20 @@ def _number(name: str, value, *, integer: bool = False) -> float:
         raise ValidationError(name, f"must be a number, got {type(value).__name__}")
     if integer and not isinstance(value, int):
         raise ValidationError(name, f"must be an integer, got {value!r}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValidationError(name, f"must be finite, got {value!r}")
+    if not integer and isinstance(value, int) and abs(value) > 2**53:
+        # NOTE: a JSON integer can have any number of digits; as a float it would overflow or lose digits.
+        raise ValidationError(name, f"must be a number of a sensible size, got {str(value)[:40]}")
+    return value
+
+
+def _count(name: str, value, lo: int, hi: int = MAX_INT32, what: str = "") -> int:
+    """An integer field in [lo, hi]; `what` explains the value's meaning in the error message."""
+    _number(name, value, integer=True)
+    if not lo <= value <= hi:
+        shown = str(value) if len(str(value)) <= 24 else str(value)[:20] + "..."
+        raise ValidationError(name, f"must be in [{lo}, {hi}]{what}, got {shown}")
     return value
 
 
@@ -51,15 +67,11 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _number("max_tokens", self.max_tokens, integer=True)
-        if self.max_tokens < 1:
-            raise ValidationError("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        _count("max_tokens", self.max_tokens, 1)
         _number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValidationError("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
-        _number("top_k", self.top_k, integer=True)
-        if self.top_k < 0:
-            raise ValidationError("top_k", f"must be >= 0 (0 disables top-k), got {self.top_k}")
+        _count("top_k", self.top_k, 0, what=" (0 disables top-k)")
         _number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValidationError("top_p", f"must be in (0, 1], got {self.top_p}")
@@ -74,9 +86,7 @@ class SamplingParams:
             if not -2.0 <= value <= 2.0:
                 raise ValidationError(name, f"must be in [-2, 2], got {value}")
         if self.seed is not None:
-            _number("seed", self.seed, integer=True)
-            if not 0 <= self.seed <= MAX_SEED:
-                raise ValidationError("seed", f"must be in [0, 2**63 - 1], got {self.seed}")
+            _count("seed", self.seed, 0, MAX_SEED)
         if not isinstance(self.stop, (list, tuple)):
             raise ValidationError("stop", f"must be a list of strings, got {type(self.stop).__name__}")
         self.stop = list(self.stop)
@@ -95,22 +105,50 @@ class SamplingParams:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValidationError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
-            _number("stop_token_ids", t, integer=True)
-            if t < 0:
-                raise ValidationError("stop_token_ids", f"token ids are >= 0, got {t}")
+            _count("stop_token_ids", t, 0, what=" (token ids)")
         if not isinstance(self.ignore_eos, bool):
             raise ValidationError("ignore_eos", "must be a boolean")
-        _number("min_tokens", self.min_tokens, integer=True)
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValidationError("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
+        _count("min_tokens", self.min_tokens, 0, self.max_tokens, what=" (at most max_tokens)")
         if self.logprobs is not None:
-            _number("logprobs", self.logprobs, integer=True)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValidationError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            _count("logprobs", self.logprobs, 0, MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The sampling values a model's makers recommend (neoserve/model_defaults.py reads them from its files).
+
+    Requests that leave a field unset get these; the class defaults are the neutral values (no truncation, no
+    penalty, temperature 1), used for a model that ships none.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    source: str = "neutral values (the model ships no generation defaults)"  # for logs: where they came from
+
+    def __post_init__(self) -> None:
+        SamplingParams(**self.sampling_fields())  # NOTE: validates them; a bad model file names the field
+
+    def sampling_fields(self) -> dict[str, Any]:
+        fields = asdict(self)
+        del fields["source"]
+        return fields
+
+
+NEUTRAL_DEFAULTS = GenerationDefaults()
+
+
+def resolve(requested: dict[str, Any], defaults: GenerationDefaults = NEUTRAL_DEFAULTS) -> SamplingParams:
+    """The request's SamplingParams: the fields it set (`requested` holds only those; None counts as unset) over
+    the model's generation defaults, over SamplingParams' own defaults. The only place defaults are resolved."""
+    given = {name: value for name, value in requested.items() if value is not None}
+    return SamplingParams(**{**defaults.sampling_fields(), **given})
 
 
 def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, *, max_model_len: int, vocab_size: int) -> None:
