@@ -45,6 +45,9 @@ FORMAT_VERSION = 4
 # hit refreshes its file's mtime, so a file in use never ages out.
 CACHE_MAX_AGE_S = 30 * 24 * 3600
 TMP_MAX_AGE_S = 3600  # a save interrupted this long ago left its .tmp file behind for good
+# A saved PerfModel file to plan with instead of profiling (tests and comparisons that must not depend on how busy
+# the machine was when the worker started). Its key is not checked: it is used as it is.
+FIXED_MODEL_ENV = "NEOSERVE_PERF_MODEL"
 
 
 def cache_dir() -> Path:
@@ -294,6 +297,14 @@ def _is_digest(stem: str) -> bool:
 
 
 def load_or_profile(runner, sidecar) -> PerfModel:
+    fixed = os.environ.get(FIXED_MODEL_ENV)
+    if fixed:
+        model = PerfModel.load(Path(fixed))
+        if model is None:
+            raise ValueError(f"{FIXED_MODEL_ENV}={fixed}: not a readable performance model file (format version "
+                             f"{FORMAT_VERSION}, as load_or_profile saves them)")
+        log.info("performance model from %s (%s; not profiled): %s", fixed, FIXED_MODEL_ENV, model.describe())
+        return model
     key = profile_key(runner, sidecar)
     path = cache_path(key)
     cached = PerfModel.load(path)

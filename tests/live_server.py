@@ -51,12 +51,14 @@ class ServerHandle:
         return self.log_path.read_text(errors="replace")[-n:]
 
 
-def start_server(extra_args: list[str], workdir: Path, timeout: float = 300.0) -> ServerHandle:
+def start_server(extra_args: list[str], workdir: Path, timeout: float = 300.0,
+                 env: dict[str, str] | None = None) -> ServerHandle:
+    """`neoserve serve` on free ports; `env` adds to this process's environment (the launcher's children inherit it)."""
     state_file = workdir / "state.json"
     log_path = workdir / "serve.log"
     argv = [sys.executable, "-m", "cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
             "--state-file", str(state_file), *extra_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
     state = _wait_for_file(state_file, proc, log_path, timeout, "neoserve serve")
@@ -108,10 +110,11 @@ def leftovers(state: dict) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(extra_args: list[str], prefix: str = "neoserve-test-") -> Iterator[ServerHandle]:
+def running_server(extra_args: list[str], prefix: str = "neoserve-test-",
+                   env: dict[str, str] | None = None) -> Iterator[ServerHandle]:
     """A server for the body; on exit stops it with SIGTERM and fails if a process, folder or segment is left."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        handle = start_server(extra_args, Path(tmp))
+        handle = start_server(extra_args, Path(tmp), env=env)
         try:
             yield handle
         finally:

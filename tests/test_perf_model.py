@@ -189,3 +189,16 @@ def test_hand_off_probe_uses_8_sequences_and_needs_12_blocks():
     docs = " ".join((PROJECT_ROOT / "docs" / "RELIABILITY.md").read_text().split())  # NOTE: unwrapped lines
     assert f"{2 * perf_model.PROBE_SEQS} probe sequences" in docs
     assert f"fewer than {perf_model.PROBE_MIN_BLOCKS} KV blocks" in docs
+
+
+def test_a_fixed_model_replaces_the_profile(cache, monkeypatch):
+    """NEOSERVE_PERF_MODEL: the reliability tests' server plans with tests/data/reliability_perf_model.json, not with
+    a profile whose figures depend on how loaded the machine was at start-up."""
+    fixed = PROJECT_ROOT / "tests" / "data" / "reliability_perf_model.json"
+    monkeypatch.setenv("NEOSERVE_PERF_MODEL", str(fixed))
+    model = perf_model.load_or_profile(_runner(), _Sidecar(1))
+    assert model == PerfModel.load(fixed) and model.cpu_time(1, 100) < model.gpu_time(1, 100)
+    assert cache.profiles == [] and not cache.dir.exists()  # nothing measured, nothing cached
+    monkeypatch.setenv("NEOSERVE_PERF_MODEL", str(PROJECT_ROOT / "README.md"))
+    with pytest.raises(ValueError, match="NEOSERVE_PERF_MODEL=.*README.md: not a readable performance model"):
+        perf_model.load_or_profile(_runner(), _Sidecar(1))

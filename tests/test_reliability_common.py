@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -42,6 +43,10 @@ GPU_KV_TOKENS = 128  # 8 blocks of 16 tokens
 SERVER_ARGS = ["--worker-threads", "1", "--drain-timeout-s", "5", "--mode", "auto", "--gpu-kv-tokens",
                str(GPU_KV_TOKENS), "--cpu-kv-gib", "0.125", "--max-inflight", str(MAX_INFLIGHT), "--max-queued",
                str(MAX_QUEUED)]
+# NOTE: a fixed cost model instead of the profile the worker would measure at start-up: a profile taken while other
+# work loads the machine prices the CPU differently, and with it whether sequences move to the sidecar.
+FIXED_COST_MODEL = {"NEOSERVE_PERF_MODEL": str(Path(__file__).resolve().parent / "data"
+                                                / "reliability_perf_model.json")}
 SHM_PREFIX = "neoserve"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot", "1, 2, 3, 4,"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -135,7 +140,7 @@ def rss_mib(pid: int) -> float:
 def running_cluster(extra_args: list[str] = ()) -> Iterator[Cluster]:
     """Starts the server; on exit stops it with SIGTERM and fails if a process, folder or segment is left
     (tests.live_server.running_server)."""
-    with running_server([*SERVER_ARGS, *extra_args], prefix="neoserve-rel-") as handle:
+    with running_server([*SERVER_ARGS, *extra_args], prefix="neoserve-rel-", env=FIXED_COST_MODEL) as handle:
         cluster = Cluster(handle)
         cluster.wait_health(SERVING, 120)
         yield cluster
