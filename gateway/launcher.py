@@ -5,7 +5,13 @@ What it guarantees:
   threads than the cores they are given;
 - it returns from start() only when the gateway reports SERVING (which needs every process up), then prints where
   to connect;
-- a child that dies is restarted (gateway on the same port), with a back-off and a restart budget;
+- before starting anything it checks what no restart can fix (a model path that does not exist or is not a GGUF
+  file, a port another process holds) and stops with one line naming it; a child that exits with EX_CONFIG (78)
+  reports such a cause itself and is not restarted either;
+- a child that dies is restarted (gateway on the same port), with a back-off and a restart budget per time window
+  (systemd's StartLimitBurst within StartLimitIntervalSec): restarts older than the window are forgotten. A sidecar
+  that uses up its budget does not stop the server: the worker serves without CPU offload (degraded) and the sidecar
+  is tried again once the window allows;
 - on Ctrl-C or SIGTERM the gateway drains first, then the worker and the sidecar stop; nothing outlives the launcher
   (children also get PR_SET_PDEATHSIG, so even a SIGKILLed launcher takes them along) and no shared-memory segment
   of theirs is left in /dev/shm.
@@ -15,16 +21,19 @@ Internal addresses are unix sockets in a private (0700) temporary folder.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +45,9 @@ log = logging.getLogger("neoserve.serve")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
 DEFAULT_HTTP_PORT = 8000
+GATEWAY_METRICS_HOST = "127.0.0.1"  # the gateway's --metrics-host default, which the launcher leaves as it is
+RESTART_BACKOFF_S = 0.5  # the first restart's delay; it doubles with each restart in the window
+MAX_RESTART_BACKOFF_S = 10.0
 
 
 @dataclass
@@ -61,7 +73,10 @@ class ServeConfig(CliConfig):
     worker_threads: int | None = flag(None, "torch threads of the worker (default: from the CPU plan)")
     sidecar_threads: int | None = flag(None, "threads of the sidecar (default: from the CPU plan)")
     ready_timeout_s: float = flag(600.0, "give up if the server is not SERVING after this long")
-    max_restarts: int = flag(5, "restarts allowed per child before the launcher gives up")
+    max_restarts: int = flag(5, "restarts allowed per child within --restart-window-s; beyond them the launcher "
+                                "gives up (on a sidecar: the server serves without CPU offload until the window "
+                                "allows another try)")
+    restart_window_s: float = flag(60.0, "restarts older than this many seconds no longer count")
     drain_timeout_s: float = flag(30.0, "on Ctrl-C/SIGTERM: how long running streams may finish")
     state_file: str | None = flag(None, "write addresses and child pids here as JSON once serving (for scripts)")
     log_prompts: bool = flag(False, "let the gateway log prompt text (never logged otherwise)")
@@ -142,8 +157,15 @@ class Child:
     def __init__(self, spec: ChildSpec):
         self.spec = spec
         self.proc: subprocess.Popen | None = None
-        self.restarts = 0
+        self.restarts = 0  # since the launcher started
+        self.restart_times: deque[float] = deque()  # monotonic times of the restarts still inside the window
         self.next_start = 0.0
+
+    def recent_restarts(self, now: float, window_s: float) -> int:
+        """Restarts within the last window_s seconds (older ones are forgotten)."""
+        while self.restart_times and self.restart_times[0] <= now - window_s:
+            self.restart_times.popleft()
+        return len(self.restart_times)
 
     @property
     def pid(self) -> int | None:
@@ -191,6 +213,49 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+# --- causes no restart can fix -------------------------------------------------------------------------------------
+
+def model_problem(spec: str | None) -> str | None:
+    """Why `--model spec` can never load, as far as a look at the file tells (the worker checks the rest), or None.
+
+    NOTE: here, not only in the worker, so that the launcher names the cause in well under a second instead of
+    after a worker start (torch import, seconds on a loaded host). The worker's loader remains the authority."""
+    if spec is None or spec == "embedded" or spec.startswith("random:"):
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return None
+    change = "pass a .gguf file, a Hugging Face checkpoint folder, 'embedded' or random:NAME"
+    if not path.exists():
+        return f"--model {spec}: no such file or folder; {change}"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"--model {spec}: cannot be read ({e.strerror}); {change}"
+    if magic != b"GGUF":
+        return f"--model {spec}: not a GGUF file (it does not start with the GGUF magic bytes); {change}"
+    return None
+
+
+def port_problem(host: str, port: int, flag_name: str) -> str | None:
+    """Why the gateway could not listen on host:port, or None. Port 0 (any free one) always works."""
+    if port <= 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # NOTE: as gRPC, aiohttp and the metrics server bind: a port left in TIME_WAIT by a previous run is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"port {port} ({flag_name}) is already in use on {host or '*'}: stop what listens there or "
+                        f"choose another with {flag_name} (0 picks a free one)")
+            return f"cannot listen on {host or '*'}:{port} ({flag_name}): {e.strerror}; change {flag_name} or --host"
+    return None
 
 
 def _gateway_health(address: str, timeout: float = 1.0) -> bool:
@@ -265,6 +330,7 @@ class Launcher:
                                              stop_timeout_s=serve.drain_timeout_s + 10)))
         self._worker_address = worker_address
         self._sidecar_address = sidecar_address
+        self._model_spec = engine_model
 
     @property
     def _connect_host(self) -> str:
@@ -290,8 +356,33 @@ class Launcher:
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
 
+    def startup_problem(self) -> str | None:
+        """A cause that no restart can fix (model file, ports), found before any child starts; None if none."""
+        return model_problem(self._model_spec) or self._ports_problem()
+
+    def _ports_problem(self) -> str | None:
+        """The gateway's public ports: each free (or 0) and no two the same. After the first start, the ports the
+        gateway got (its restarts reuse them)."""
+        grpc_port = self.gateway_port if self.gateway_port is not None else self.serve.port
+        http_port = self.http_port if self.http_port is not None else self.serve.resolved_http_port
+        metrics_port = self.metrics_port if self.metrics_port is not None else self.serve.metrics_port
+        ports = [(self.serve.host, grpc_port, "--port"), (self.serve.host, http_port, "--http-port"),
+                 (GATEWAY_METRICS_HOST, metrics_port, "--metrics-port")]
+        seen: dict[int, str] = {}
+        for host, port, name in ports:
+            if port > 0 and port in seen:
+                return f"{seen[port]} and {name} are both {port}: give each its own port"
+            seen[port] = name
+            if problem := port_problem(host, port, name):
+                return problem
+        return None
+
     def start(self) -> bool:
-        """Starts all children and waits until the gateway is SERVING. False if stopped or timed out first."""
+        """Starts all children and waits until the gateway is SERVING. False if stopped, timed out or unable to
+        start (a cause no restart can fix, logged in one line) first."""
+        if problem := self.startup_problem():
+            log.error("cannot start: %s", problem)
+            return False
         for child in self.children:
             child.start()
         deadline = time.monotonic() + self.serve.ready_timeout_s
@@ -346,27 +437,57 @@ class Launcher:
         tmp.replace(self.serve.state_file)
 
     def supervise_once(self) -> bool:
-        """Restarts dead children. False when one exhausted its restart budget."""
+        """Restarts dead children. False when one cannot start (a cause no restart fixes) or exhausted its restart
+        budget within the window; a sidecar never ends the server (see _restart_delay)."""
         now = time.monotonic()
         for child in self.children:
             if child.alive():
                 continue
             if child.next_start == 0.0:
-                code = child.proc.returncode if child.proc else None
-                if child.restarts >= self.serve.max_restarts:
-                    exits = child.restarts + 1
-                    log.error("%s exited (code %s) %s; giving up", child.spec.name, code,
-                              "once" if exits == 1 else f"{exits} times")
+                if problem := self._permanent_exit(child):
+                    log.error("cannot start: %s", problem)
                     return False
-                delay = min(10.0, 0.5 * 2 ** child.restarts)
-                log.warning("%s exited (code %s); restarting in %.1f s", child.spec.name, code, delay)
+                delay = self._restart_delay(child, now)
+                if delay is None:
+                    return False
                 child.next_start = now + delay
             elif now >= child.next_start:
                 child.restarts += 1
+                child.restart_times.append(now)
                 child.next_start = 0.0
                 child.start()
                 self._write_state()
         return True
+
+    def _permanent_exit(self, child: Child) -> str | None:
+        """Why restarting `child` cannot help, or None."""
+        if child.proc is not None and child.proc.returncode == os.EX_CONFIG:
+            # NOTE: EX_CONFIG is how a child says "my configuration is wrong"; it logged the cause in one line.
+            return f"{child.spec.name} stopped on a configuration error (its message is above); not restarting it"
+        if child.spec.name == "gateway":
+            return self._ports_problem()  # another process took one of its ports since it started
+        return None
+
+    def _restart_delay(self, child: Child, now: float) -> float | None:
+        """Seconds until `child` restarts, doubling with each restart in the window; None to give up."""
+        name, code = child.spec.name, child.proc.returncode if child.proc else None
+        window, burst = self.serve.restart_window_s, self.serve.max_restarts
+        recent = child.recent_restarts(now, window)
+        if recent < burst:
+            delay = min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2 ** recent)
+            log.warning("%s exited (code %s); restarting in %.1f s", name, code, delay)
+            return delay
+        exits = "once" if recent == 0 else f"{recent + 1} times"
+        if name != "sidecar":
+            log.error("%s exited (code %s) %s within %.0f s; giving up (--max-restarts, --restart-window-s)",
+                      name, code, exits, window)
+            return None
+        # NOTE: the worker serves on without its sidecar (gpu-only placement, its CPU sequences recomputed); the
+        # sidecar gets its next try when the oldest restart leaves the window, and the worker takes it back then.
+        delay = max(RESTART_BACKOFF_S, child.restart_times[0] + window - now) if recent else window
+        log.error("sidecar exited (code %s) %s within %.0f s: serving without CPU offload (degraded); "
+                  "trying it again in %.0f s", code, exits, window, delay)
+        return delay
 
     def run_until_stopped(self) -> int:
         while not self._stop.wait(0.2):

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from neoserve.config_fields import CliConfig, flag
-from neoserve.errors import BackendUnavailableError, CapacityError, ValidationError
+from neoserve.errors import BackendUnavailableError, CapacityError, ModelLoadError, ValidationError
 from neoserve.internal.v1 import worker_pb2, worker_pb2_grpc
 from neoserve.model_files import model_id
 from neoserve.outputs import FinishReason, RequestOutput
@@ -374,7 +374,15 @@ async def serve(config: WorkerServerConfig, engine=None) -> None:
         from gpu_worker.async_engine import AsyncEngine
 
         # NOTE: loading takes seconds; a thread keeps the health service answering (NOT_SERVING) meanwhile.
-        llm = await asyncio.to_thread(ReattachingEngine, config.engine)
+        try:
+            llm = await asyncio.to_thread(ReattachingEngine, config.engine)
+        except ModelLoadError as e:
+            # NOTE: no restart loads this model: say why in one line and exit EX_CONFIG, which the launcher does
+            # not restart. The traceback is for --log-level DEBUG.
+            log.error("cannot start: %s", e)
+            log.debug("the model failed to load", exc_info=True)
+            await server.stop(grace=None)
+            raise SystemExit(os.EX_CONFIG) from None
         engine = AsyncEngine(llm)
         if config.engine.sidecar and config.engine.mode != "gpu-only":
             watcher_task = asyncio.get_running_loop().create_task(
