@@ -1,7 +1,9 @@
 """Watches the worker (and sidecar) and decides what the gateway's health service says.
 
 The gateway reports SERVING only when every process a request needs is up: the worker answers its health check
-and holds the request stream, the sidecar (when there is one) answers its health check, and the tokenizer is loaded.
+and holds the request stream, and the tokenizer is loaded. The sidecar is not one of them: without it the worker
+serves gpu-only, so a sidecar that is down (or not yet taken back by the worker) makes the server degraded, not
+down: the `neoserve_degraded` metric is 1 and the health service OFFLOAD_SERVICE is NOT_SERVING meanwhile.
 The same loop copies the worker's scheduler and KV counters into the metrics.
 """
 
@@ -27,6 +29,7 @@ from gateway.worker_client import CHANNEL_OPTIONS, WorkerClient
 log = logging.getLogger(__name__)
 
 PUBLIC_SERVICE = "neoserve.v1.InferenceService"
+OFFLOAD_SERVICE = "neoserve.v1.InferenceService.CpuOffload"  # SERVING while KV can go to the sidecar
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -49,6 +52,7 @@ class BackendMonitor:
             self._sidecar_channel = grpc.aio.insecure_channel(sidecar_address, options=CHANNEL_OPTIONS)
             self._sidecar = sidecar_pb2_grpc.CpuAttentionServiceStub(self._sidecar_channel)
         self.serving = False
+        self.degraded = False  # serving without CPU offload (see _set_offload)
         self._tokenizer_task: asyncio.Task | None = None
 
     async def close(self) -> None:
@@ -114,10 +118,27 @@ class BackendMonitor:
         self._metrics.worker_up.set(1 if worker_ok else 0)
         self._metrics.inflight.set(self._admission.inflight)
         self._metrics.queued.set(self._admission.queued)
-        serving = (worker_ok and sidecar_ok and self._model.ready and self._worker.connected
-                   and not self._admission.draining)
+        await self._set_offload(sidecar_ok)
+        serving = worker_ok and self._model.ready and self._worker.connected and not self._admission.draining
         await self.set_serving(serving)
         return serving
+
+    def _worker_failed_over(self) -> bool:
+        """The worker runs gpu-only though it was started in a mode that offloads (its sidecar died and it has not
+        taken one back yet)."""
+        stats, info = self._metrics.worker_stats.latest, self._model.info
+        return stats is not None and info is not None and stats.mode != info.mode
+
+    async def _set_offload(self, sidecar_ok: bool) -> None:
+        """Metrics and the OFFLOAD_SERVICE health status say whether CPU offload works (degraded while not)."""
+        self._metrics.sidecar_up.set(1 if sidecar_ok else 0)
+        degraded = self._sidecar is not None and (not sidecar_ok or self._worker_failed_over())
+        if degraded != self.degraded:
+            log.warning("CPU offload %s", "unavailable: serving gpu-only (degraded)" if degraded else "is back")
+        self.degraded = degraded
+        self._metrics.degraded.set(1 if degraded else 0)
+        if self._sidecar is not None:
+            await self._health.set(OFFLOAD_SERVICE, NOT_SERVING if degraded else SERVING)
 
     async def set_serving(self, serving: bool) -> None:
         if serving != self.serving:

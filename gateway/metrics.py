@@ -69,6 +69,10 @@ class GatewayMetrics:
         self.queued = Gauge("neoserve_gateway_requests_queued", "Requests waiting in the gateway's admission queue",
                             registry=r)
         self.worker_up = Gauge("neoserve_worker_up", "1 when the worker answers health checks", registry=r)
+        self.sidecar_up = Gauge("neoserve_sidecar_up", "1 when the cpu_attn sidecar answers health checks (1 when "
+                                "the server runs without one)", registry=r)
+        self.degraded = Gauge("neoserve_degraded", "1 while the server serves without CPU offload: its sidecar is down "
+                              "or the worker has not taken it back yet (requests run gpu-only meanwhile)", registry=r)
         self.worker_stats = _WorkerStatsCollector()
         r.register(self.worker_stats)
         self._http = None

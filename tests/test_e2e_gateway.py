@@ -428,13 +428,27 @@ def test_child_crash_health_and_restart(server, stub, worker_address, child):
         inflight.cancel()
     if child == "gateway":  # the worker aborted the dead gateway's request and freed its KV
         wait_kv_idle(worker_address, timeout=30)
-    wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+    if child == "sidecar":  # NOTE: the worker serves gpu-only meanwhile: degraded (a metric), not down
+        wait_metric(server, "neoserve_degraded", 1, 10)
+        wait_metric(server, "neoserve_degraded", 0, 240)  # restarted and taken back by the worker
+    else:
+        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
     wait_health(server.address, health_pb2.HealthCheckResponse.SERVING, 240)  # the launcher restarted it
     assert server.pids[child] != pid
     text, ids, complete = collect(stub.Generate(pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParameters(
         max_tokens=5, temperature=0)), timeout=60))
     assert len(ids) >= 1 and complete.usage.completion_tokens >= 1
     wait_kv_idle(worker_address, timeout=30)
+
+
+def wait_metric(server, name: str, value: float, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        if f"{name} {float(value)}" in body.splitlines():
+            return
+        assert time.monotonic() < deadline, f"{name} was not {value} within {timeout} s"
+        time.sleep(0.05)
 
 
 def test_serve_once_streams_one_reply_and_exits_clean(tokenizer, reference_engine):
