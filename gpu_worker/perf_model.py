@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -213,26 +214,39 @@ def _profile_hand_off(runner, sidecar) -> tuple[float, float, float]:
     return base, per_seq, per_token
 
 
+# Worker settings that do not change what the profile measures, or whose effect the key holds resolved (the dtype
+# and device in use, the torch threads, the sidecar's threads as it reports them, the graph buckets in use).
+# NOTE: an exclusion list, not an inclusion list: a new setting counts until it is listed here. A key that holds
+# too much costs one profile; one that holds too little plans with another machine's or setting's figures.
+NOT_MEASURED = frozenset({
+    "model", "dtype", "device", "sidecar", "seed", "mode", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+    "gpu_kv_gib", "gpu_kv_tokens", "latency_bound_ms", "max_cpu_wait_steps", "threads", "cpu_attn_threads",
+    "cuda_graphs", "cuda_graph_max_batch",
+})
+
+
 def profile_key(runner, sidecar) -> str:
-    """What the measurement depends on, and nothing else: the model's shape, the weights' and the sidecar KV's
-    dtypes, the device, the host CPU (the sidecar's kernel and every hand-off run on it), the worker's torch threads
-    and the sidecar's, the ring spin, the CUDA graph buckets and the torch version. Not the sidecar's address: the
-    launcher gives each start a fresh random socket path, and a key holding it never hit."""
+    """What the measurement depends on, and nothing else: the model's shape (and how its file stores the weights),
+    the resolved dtype and device, the host CPU (the sidecar's kernel and every hand-off run on it), the worker's
+    torch threads and the sidecar's, the CUDA graph buckets, the torch version, and every worker setting not in
+    NOT_MEASURED (the sidecar KV's dtype and budget, the ring spin, ...). Not the sidecar's address: the launcher
+    gives each start a fresh random socket path, and a key holding it never hit."""
     mc, cfg = runner.model_config, runner.config
     device = torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu"
     parts = {
         "model": f"{mc.architecture}-L{mc.num_layers}-H{mc.hidden_size}-I{mc.intermediate_size}-h{mc.num_heads}-"
                  f"kv{mc.num_kv_heads}-d{mc.head_dim}-V{mc.vocab_size}",
+        # NOTE: getattr: a model config from before the field (or a test's stand-in) stores dense weights
+        "stored_as": getattr(mc, "source_quantization", None),
         "dtype": str(runner.dtype).removeprefix("torch."),
         "device": device,
         "host_cpu": _host_cpu(),
         "worker_threads": torch.get_num_threads(),
         "sidecar_threads": _sidecar_threads(sidecar, cfg.cpu_attn_threads),
-        "cpu_kv_dtype": cfg.cpu_kv_dtype,
-        "ring_spin_us": cfg.ring_spin_us,
         "cuda_graphs": runner.graphs.buckets[-1] if runner.graphs is not None else 0,
         "torch": torch.__version__,
     }
+    parts.update((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in NOT_MEASURED)
     return ";".join(f"{name}={value}" for name, value in parts.items())
 
 

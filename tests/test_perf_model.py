@@ -85,6 +85,9 @@ def test_profile_key_is_what_changes_the_measurement_not_the_sidecar_address():
     assert key != perf_model.profile_key(_runner(), _Sidecar(4))  # the sidecar's own thread count, as it reports it
     assert key != perf_model.profile_key(_runner(cpu_kv_dtype="bfloat16"), _Sidecar(3))
     assert key != perf_model.profile_key(_runner(ring_spin_us=3000.0), _Sidecar(3))
+    # scheduling limits do not change what is measured: a server restarted with other ones reuses the profile
+    assert key == perf_model.profile_key(_runner(max_num_seqs=8, gpu_kv_tokens=128, latency_bound_ms=50.0, seed=3),
+                                         _Sidecar(3))
 
 
 @pytest.fixture
