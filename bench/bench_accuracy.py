@@ -172,7 +172,7 @@ def main() -> None:
     if not args.no_peer:
         from bench.llamacpp import LlamaLogits, ensure
 
-        with LlamaLogits(ensure(build_if_missing=False), gguf, threads=args.threads,
+        with LlamaLogits(ensure(False, tools=()), gguf, threads=args.threads,
                          n_ctx=max(len(w) for w in windows)) as ll:
             rows.append(("llama.cpp", f"{gguf.name}, C API logits", score_all(ref, windows, ll.logits)))
 

@@ -10,7 +10,8 @@ Ours (through `gpu_worker.engine.LLMEngine` directly, greedy, ignore_eos), the m
   batch 32  32 sequences of --prompt-len random tokens, then --new-tokens tokens each; tok/s = tokens generated after
             every prefill has finished / the time from then to the end (llama-batched-bench's S_TG counts the same).
 llama.cpp (built by bench/llamacpp.py from the llama-cpp-python 0.3.36 sdist): llama-bench tg<new-tokens>
-(`-p 0 -n 128`, batch 1) and llama-batched-bench's decode rate S_TG for 1 and 32 sequences (`-npp 128 -ntg 128`).
+(`-p 0 -n 128`, batch 1; median of --peer-repeats repetitions) and llama-batched-bench's decode rate S_TG for 1 and 32
+sequences (`-npp 128 -ntg 128`; the median of --repeats runs).
 Both sides run with --threads threads (torch threads and OMP_NUM_THREADS set here; llama.cpp's -t).
 
 Also printed: this CPU (lscpu), the load average before and after, the machine's read bandwidth (bench/membw.py's
@@ -54,7 +55,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from bench.llamacpp import LlamaCpp, ensure, run_batched_bench, run_llama_bench  # noqa: E402
+from bench.llamacpp import LlamaCpp, ensure, median_batched_bench, run_llama_bench  # noqa: E402
 from bench.membw import measure_read_bandwidth  # noqa: E402
 from gpu_worker.config import EngineConfig  # noqa: E402
 from gpu_worker.engine import LLMEngine  # noqa: E402
@@ -238,6 +239,7 @@ def main() -> None:
     ap.add_argument("--short-prompt", type=int, default=8, help="prompt tokens at batch 1")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="our runs per batch size (median)")
+    ap.add_argument("--peer-repeats", type=int, default=7, help="llama-bench repetitions (median)")
     ap.add_argument("--warmup-tokens", type=int, default=8)
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp (our figures only)")
     ap.add_argument("--build", action="store_true", help="build llama.cpp first if it is not built")
@@ -246,6 +248,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.prompt_len, args.batch, args.repeats, args.warmup_tokens = 4, 16, 4, 1, 2
+        args.peer_repeats = 1
         args.membw_gib = 0.25
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for llama.cpp's OpenMP runtime too
     torch.set_num_threads(args.threads)
@@ -253,7 +256,9 @@ def main() -> None:
     print(cpu_summary())
     print(f"load average before: {load_average()}   torch {torch.__version__}, {args.threads} threads "
           f"(torch {torch.get_num_threads()}, OMP_NUM_THREADS {os.environ['OMP_NUM_THREADS']})", flush=True)
-    lc: LlamaCpp | None = None if args.no_peer else ensure(build_if_missing=args.build)
+    lc: LlamaCpp | None = None
+    if not args.no_peer:
+        lc = ensure(args.build, tools=("llama-bench", "llama-batched-bench"))
 
     bw = measure_read_bandwidth(int(args.membw_gib * 2**30), threads=args.threads)
     print(bw, flush=True)
@@ -276,14 +281,15 @@ def main() -> None:
 
     peer_b1 = peer_bn = peer_b1_batched = None
     if lc is not None:
-        tg = run_llama_bench(lc, model_path, args.threads, args.new_tokens)
-        peer_b1 = tg.avg_ts
-        print(f"llama-bench tg{tg.n_gen}: {tg.avg_ts:.1f} +- {tg.stddev_ts:.1f} tok/s", flush=True)
-        rows = {r.pl: r for r in run_batched_bench(lc, model_path, args.threads, args.prompt_len, args.new_tokens,
-                                                    (1, args.batch))}
+        tg = run_llama_bench(lc, model_path, args.threads, args.new_tokens, repetitions=args.peer_repeats)
+        peer_b1 = tg.median_ts
+        print(f"llama-bench tg{tg.n_gen}: median {tg.median_ts:.1f} tok/s (runs: "
+              f"{', '.join(f'{x:.1f}' for x in tg.samples_ts)})", flush=True)
+        rows = median_batched_bench(lc, model_path, args.threads, args.prompt_len, args.new_tokens, (1, args.batch),
+                                    repeats=args.repeats)
         peer_b1_batched, peer_bn = rows[1].s_tg, rows[args.batch].s_tg
-        print(f"llama-batched-bench S_TG: {peer_b1_batched:.1f} tok/s x 1, {peer_bn:.1f} tok/s x {args.batch}",
-              flush=True)
+        print(f"llama-batched-bench S_TG (median of {args.repeats}): {peer_b1_batched:.1f} tok/s x 1, "
+              f"{peer_bn:.1f} tok/s x {args.batch}", flush=True)
     peer_bytes = gguf_weight_bytes(model_path) if model_path.suffix == ".gguf" else 0
 
     print(f"\nload average after: {load_average()}")

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -71,16 +72,17 @@ class LlamaCpp:
     def bindings_dir(self) -> Path:
         return self.root / SDIST / "llama_cpp"
 
-    def is_complete(self) -> bool:
+    def has(self, tools: tuple[str, ...] = TOOLS) -> bool:
+        """Whether the build folder was configured with today's flags and holds `tools` (and libllama.so)."""
         stamp = self.root / "build" / STAMP
         if not stamp.exists() or json.loads(stamp.read_text()).get("flags") != list(CMAKE_FLAGS):
             return False
-        return all(self.tool(t).exists() for t in TOOLS) and (self.bin_dir / "libllama.so").exists()
+        return all(self.tool(t).exists() for t in tools) and (self.bin_dir / "libllama.so").exists()
 
 
-def find() -> LlamaCpp | None:
+def find(tools: tuple[str, ...] = TOOLS) -> LlamaCpp | None:
     lc = LlamaCpp(cache_dir())
-    return lc if lc.is_complete() else None
+    return lc if lc.has(tools) else None
 
 
 def build(jobs: int = 2, log=sys.stderr) -> LlamaCpp:
@@ -107,12 +109,17 @@ def build(jobs: int = 2, log=sys.stderr) -> LlamaCpp:
         for cmd in (configure, ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TARGETS]):
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[:3])} ... failed; see {log_path}:\n" + _tail(log_path))
-    (build_dir / STAMP).write_text(json.dumps({"version": VERSION, "flags": list(CMAKE_FLAGS)}))
+            if cmd is configure:
+                # NOTE: the stamp names the flags this folder is configured with; tools count as built once they
+                # exist (ninja removes a half-linked output), so a finished llama-bench is usable while the server
+                # still builds.
+                (build_dir / STAMP).write_text(json.dumps({"version": VERSION, "flags": list(CMAKE_FLAGS)}))
     return LlamaCpp(root)
 
 
-def ensure(build_if_missing: bool = True) -> LlamaCpp:
-    lc = find()
+def ensure(build_if_missing: bool = True, tools: tuple[str, ...] = TOOLS) -> LlamaCpp:
+    """The build holding `tools`; built first where it lacks them and `build_if_missing`."""
+    lc = find(tools)
     if lc is not None:
         return lc
     if not build_if_missing:
@@ -141,6 +148,12 @@ class LlamaBenchResult:
     avg_ts: float  # tokens/s, mean over repetitions
     stddev_ts: float
     samples_ts: tuple[float, ...]
+
+    @property
+    def median_ts(self) -> float:
+        # NOTE: the median, not llama-bench's mean: on a shared machine one repetition that lost the cores to another
+        # process (its spinning threadpool degrades sharply when oversubscribed) drags the mean far down.
+        return statistics.median(self.samples_ts) if self.samples_ts else self.avg_ts
 
 
 def parse_llama_bench_json(text: str) -> list[LlamaBenchResult]:
@@ -198,7 +211,7 @@ def parse_batched_bench(text: str) -> list[BatchedRow]:
 
 def run_batched_bench(lc: LlamaCpp, model: Path, threads: int = 2, npp: int = 128, ntg: int = 128,
                       npl: tuple[int, ...] = (1, 32)) -> list[BatchedRow]:
-    """Each of `pl` sequences gets its own `npp`-token prompt, then all decode `ntg` tokens together."""
+    """Each of `pl` sequences gets its own `npp`-token prompt, then all decode `ntg` tokens together (one run)."""
     n_ctx = max(npl) * (npp + ntg)  # NOTE: batched-bench skips any configuration that does not fit -c
     out = _run_tool([str(lc.tool("llama-batched-bench")), "-m", str(model), "-t", str(threads), "-tb", str(threads),
                      "-c", str(n_ctx), "-npp", str(npp), "-ntg", str(ntg), "-npl", ",".join(map(str, npl)),
@@ -207,6 +220,18 @@ def run_batched_bench(lc: LlamaCpp, model: Path, threads: int = 2, npp: int = 12
     if sorted(r.pl for r in rows) != sorted(npl):
         raise RuntimeError(f"llama-batched-bench gave rows for {[r.pl for r in rows]}, asked {list(npl)}:\n{out[-2000:]}")
     return rows
+
+
+def median_batched_bench(lc: LlamaCpp, model: Path, threads: int = 2, npp: int = 128, ntg: int = 128,
+                         npl: tuple[int, ...] = (1, 32), repeats: int = 3) -> dict[int, BatchedRow]:
+    """Per parallel count, the run with the median decode rate (S_TG) of `repeats` runs (batched-bench runs each
+    configuration once)."""
+    runs = [run_batched_bench(lc, model, threads, npp, ntg, npl) for _ in range(repeats)]
+    out = {}
+    for pl in npl:
+        rows = sorted((r for run in runs for r in run if r.pl == pl), key=lambda r: r.s_tg)
+        out[pl] = rows[len(rows) // 2]
+    return out
 
 
 # --- llama-server -----------------------------------------------------------------------------------------------------
@@ -400,7 +425,8 @@ def main() -> None:
     model = args.model or _default_model()
     if args.cmd == "bench":
         tg = run_llama_bench(lc, model, args.threads)
-        print(f"llama-bench tg{tg.n_gen}, {tg.threads} threads: {tg.avg_ts:.1f} +- {tg.stddev_ts:.1f} tok/s")
+        print(f"llama-bench tg{tg.n_gen}, {tg.threads} threads: median {tg.median_ts:.1f} tok/s "
+              f"(runs: {', '.join(f'{x:.1f}' for x in tg.samples_ts)})")
         for r in run_batched_bench(lc, model, args.threads, npl=tuple(int(x) for x in args.npl.split(","))):
             print(f"llama-batched-bench pp {r.pp} tg {r.tg} x {r.pl}: decode (S_TG) {r.s_tg:.1f} tok/s, "
                   f"prompt (S_PP) {r.s_pp:.1f} tok/s")
