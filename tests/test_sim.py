@@ -191,7 +191,7 @@ def test_trace_lines_and_serve_records(tmp_path):
 def test_plan_end_to_end(tmp_path, capsys):
     rc = plan_cli.main(["--host", "a10g", "--model", "smollm2-135m", "--rates", "2,8", "--num-requests", "60",
                         "--input-len", "uniform:64:192", "--output-len", "uniform:16:32", "--gpu-kv-tokens", "2048",
-                        "--max-num-seqs", "32", "--slo-ms", "50", "--slo-requests", "40", "--out", str(tmp_path)])
+                        "--max-num-seqs", "32", "--slo-ms", "50", "--slo-requests", "40", "--slo-window-s", "5", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "plan.json").read_text())
     assert [r["mode"] for r in result["runs"]] == ["gpu-only"] * 2 + ["auto"] * 2 + ["cpu-all"] * 2
