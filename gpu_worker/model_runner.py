@@ -11,9 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from gpu_worker.attention import AttentionMetadata, PagedKVCache, paged_attention
+from gpu_worker.compiled_decode import CompiledDecode, compile_enabled
 from gpu_worker.config import EngineConfig
+from gpu_worker.cpu_formats import FormatPlan, plan_formats
 from gpu_worker.layer_graphs import GraphedLayers, LayerGraphs
 from gpu_worker.model.llama import LlamaModel
+from gpu_worker.model import quant
 from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from gpu_worker.scheduler import ScheduledSeq, SchedulerOutput
@@ -57,8 +60,20 @@ class ModelRunner:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model_config, weights = load_model(config.model, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            # NOTE: weights load in fp32 here and are converted once (quant.py): quantizing weights already
+            # rounded to bf16 would round them twice.
+            self.model_config, weights = load_model(config.model, dtype=torch.float32, device=self.device)
+            self.formats = plan_formats(self.model_config, config.dtype, config.quantization,
+                                        self.model_config.source_quantization, config.max_num_seqs)
+        else:
+            if config.quantization not in ("auto", "none"):
+                raise ValueError(f"quantization {config.quantization!r} runs on the CPU only; use --quantization none "
+                                 "(or auto) on cuda")
+            dtype = resolve_dtype(config.dtype, self.device)
+            self.model_config, weights = load_model(config.model, dtype=dtype, device=self.device)
+            self.formats = FormatPlan(dtype, None, 0, dtype)
+        self.dtype = self.formats.dense_dtype  # activations of prefills and of the dense model
         mc = self.model_config
         limit = min(mc.max_position_embeddings, config.max_model_len or MAX_DEFAULT_CONTEXT)
         if mc.sliding_window is not None and mc.sliding_window < limit:
@@ -67,12 +82,24 @@ class ModelRunner:
             log.warning("context capped at the sliding window (%d tokens)", mc.sliding_window)
             limit = mc.sliding_window
         self.max_model_len = limit
-        self.model = LlamaModel(mc, weights, max_positions=limit)
+        loaded = LlamaModel(mc, weights, max_positions=limit)
         del weights
+        self.model = loaded if loaded.dtype == self.dtype else loaded.variant(self.dtype)
+        # The small-batch decode model: 4- or 8-bit projections and an 8-bit LM head (cpu_formats.py).
+        self.quant_model = None
+        if self.formats.quant is not None:
+            kind = self.formats.quant
+            self.quant_model = loaded.variant(self.dtype, project=lambda w: quant.quantize(w, kind),
+                                              head=lambda w: quant.quantize(w, "q8"))
+        del loaded
         self.block_size = config.block_size
         self.num_gpu_blocks = self._num_kv_blocks()
         self.kv_cache = PagedKVCache(mc.num_layers, self.num_gpu_blocks, self.block_size, mc.num_kv_heads,
-                                     mc.head_dim, self.dtype, self.device)
+                                     mc.head_dim, self.formats.kv_dtype, self.device)
+        self.compiled = None
+        if compile_enabled(config.compile, self.device, exact=self.formats == FormatPlan.exact()):
+            self.compiled = CompiledDecode(self._decode_models(), self.kv_cache, self.block_size)
+            self.compiled.start([(lo, hi) for lo, hi, _ in self._decode_ranges()])
         self.global_generator = make_generator(config.seed, self.device)
         self.sampler = Sampler(generator=self.global_generator)  # unseeded rows share one draw per step
         self.sidecar = None  # SidecarClient, attached by the engine when a mode places KV on the CPU
@@ -80,7 +107,27 @@ class ModelRunner:
         self.tracer: StepTracer | None = None  # set for one step to record its timeline (bench/trace_pipeline.py)
         self.graphs = self._capture_graphs() if config.cuda_graphs else None
         log.info("model %s on %s (%s): %d layers, KV cache %d blocks x %d tokens, context %d", mc.name or mc.architecture,
-                 self.device, self.dtype, mc.num_layers, self.num_gpu_blocks, self.block_size, self.max_model_len)
+                 self.device, self.formats.describe(), mc.num_layers, self.num_gpu_blocks, self.block_size,
+                 self.max_model_len)
+
+    def _decode_ranges(self) -> list[tuple[int, int, LlamaModel]]:
+        """(smallest batch, largest batch, model) of each decode model, smallest batches first."""
+        top = self.config.max_num_seqs
+        if self.quant_model is None:
+            return [(1, top, self.model)]
+        q = min(self.formats.quant_max_batch, top)
+        return [(1, q, self.quant_model)] + ([(q + 1, top, self.model)] if q < top else [])
+
+    def _decode_models(self) -> list[LlamaModel]:
+        return [m for _, _, m in self._decode_ranges()]
+
+    def _model_for(self, num_decodes: int, decode_only: bool) -> tuple[int | None, LlamaModel]:
+        """The model (and its index in _decode_ranges) that runs a step: prefills always run the dense one."""
+        if decode_only:
+            for i, (lo, hi, m) in enumerate(self._decode_ranges()):
+                if lo <= num_decodes <= hi:
+                    return i, m
+        return None, self.model
 
     def _capture_graphs(self) -> LayerGraphs | None:
         # NOTE: gpu-only never pipelines, so it needs no second sub-batch's graphs (half the capture time).
@@ -97,7 +144,7 @@ class ModelRunner:
     def _num_kv_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
         per_block = PagedKVCache.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim,
-                                                 self.dtype)
+                                                 self.formats.kv_dtype)
         if cfg.gpu_kv_gib is not None:
             budget = cfg.gpu_kv_gib * GIB
         elif self.device.type == "cuda":
@@ -137,7 +184,7 @@ class ModelRunner:
             slots = self._slots(table, 0, seq.num_computed_tokens)
             # NOTE: every layer's K/V in one gather and (on CUDA) one copy into pinned memory: one stream sync per
             # sequence instead of one per layer and ring chunk; the ring uploads below are plain memcpys.
-            kv = self._to_host(self.kv_cache.data[:, :, slots])  # [layers, 2, n, Hkv, D] fp32
+            kv = self._to_host(self.kv_cache.read_slots(slots))  # [layers, 2, n, Hkv, D] fp32
             sidecar.create_sequences([seq.seq_id])
             self._on_sidecar.add(seq.seq_id)
             tickets = []
@@ -153,7 +200,7 @@ class ModelRunner:
             for layer in range(mc.num_layers):
                 sidecar.download_kv(seq.seq_id, layer, 0, n, out=(kv[layer, 0], kv[layer, 1]))
             slots = self._slots(seq.block_table, 0, n)
-            self.kv_cache.data[:, :, slots] = kv.to(self.device, self.dtype, non_blocking=True)
+            self.kv_cache.write_slots(slots, kv.to(self.device, self.dtype, non_blocking=True))
             sidecar.free_sequences([seq.seq_id])
             self._on_sidecar.discard(seq.seq_id)
 
@@ -183,16 +230,24 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
         self.migrate(sched)
-        a = _FlatBatch.build(self, "A", sched.cpu_decodes_a, sched.decodes, sched.prefills)
-        b = _FlatBatch.build(self, "B", sched.cpu_decodes_b, [], [])
+        num_cpu = len(sched.cpu_decodes_a) + len(sched.cpu_decodes_b)
+        variant, model = self._model_for(num_cpu + len(sched.decodes), decode_only=not sched.prefills)
+        a = _FlatBatch.build(self, model, "A", sched.cpu_decodes_a, sched.decodes, sched.prefills)
+        b = _FlatBatch.build(self, model, "B", sched.cpu_decodes_b, [], [])
+        logits = None
         if b.num_tokens:
-            hidden = torch.cat([*self._forward_pipelined(a, b)])  # [S_a + S_b, hidden]
+            hidden = torch.cat([*self._forward_pipelined(a, b, model)])  # [S_a + S_b, hidden]
         else:
-            hidden = self._forward(a)
+            if self.compiled is not None and a.decode_only and not a.num_cpu:
+                logits = self.compiled.run(variant, a.ids, a.positions, a.meta.slot_mapping, a.meta.decode_slots,
+                                           a.meta.decode_mask)  # [B, V], None until its graph is compiled
+            if logits is None:
+                hidden = self._forward(a, model)
         sampling = [s for s in sched.scheduled if s.samples]
         if not sampling:
             return []
-        logits = self.model.logits(hidden)  # [S, V]
+        if logits is None:
+            logits = model.logits(hidden)  # [S, V]
         seqs = [s.seq for s in sampling]
         batch = SamplingBatch.build(
             params=[q.params for q in seqs],
@@ -298,31 +353,31 @@ class ModelRunner:
     def _span(self, name: str):
         return self.tracer.span(name) if self.tracer is not None else contextlib.nullcontext()
 
-    def _layers(self, batch: "_FlatBatch", role: str) -> "_EagerLayers | GraphedLayers":
+    def _layers(self, batch: "_FlatBatch", role: str, model: LlamaModel) -> "_EagerLayers | GraphedLayers":
         """How one sub-batch runs through the layers: from CUDA graphs when it is decode-only and fits a bucket."""
-        x = self.model.embed(batch.ids)  # [T, hidden]
+        x = model.embed(batch.ids)  # [T, hidden]
         if self.graphs is not None and batch.decode_only:
             graphed = self.graphs.start(role, x, batch.rope)
             if graphed is not None:
                 return graphed
-        return _EagerLayers(self.model, x, batch.rope, batch.keep_rows)
+        return _EagerLayers(model, x, batch.rope, batch.keep_rows)
 
-    def _forward(self, batch: "_FlatBatch") -> torch.Tensor:
-        layers = self._layers(batch, "A")
-        for i in range(self.model.num_layers):
+    def _forward(self, batch: "_FlatBatch", model: LlamaModel) -> torch.Tensor:
+        layers = self._layers(batch, "A", model)
+        for i in range(model.num_layers):
             q, k, v = layers.pre(i)
             attn, ticket = self._attend(i, batch, q, k, v, layers.attention_output())
             self.collect_cpu_rows(ticket, attn, batch.num_cpu)
             layers.post(i)
         return layers.x  # [len(keep_rows), hidden]
 
-    def _forward_pipelined(self, a: "_FlatBatch", b: "_FlatBatch") -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_pipelined(self, a: "_FlatBatch", b: "_FlatBatch",
+                           model: LlamaModel) -> tuple[torch.Tensor, torch.Tensor]:
         """NEO's asymmetric pipeline: per layer the sidecar computes B's attention while the device runs A, and A's
         CPU rows while the device runs B. b holds CPU decodes only."""
-        model = self.model
         last = model.num_layers - 1
-        la = self._layers(a, "A") if a.num_tokens else None
-        lb = self._layers(b, "B")
+        la = self._layers(a, "A", model) if a.num_tokens else None
+        lb = self._layers(b, "B", model)
         ticket_b = None
         for i in range(model.num_layers):
             if la is not None:
@@ -346,21 +401,41 @@ class ModelRunner:
         return (la.x if la is not None else lb.x[:0]), lb.x
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits at every position of one prompt ([T, V] fp32), through the same cache path as serving.
+    def prompt_logits(self, token_ids: list[int], decode_from: int | None = None) -> torch.Tensor:
+        """Logits at every position of one sequence ([T, V] fp32), through the same cache path as serving: the
+        first `decode_from` tokens (all by default) as one prefill, each later one as a batch-1 decode step with
+        the model and graph that serve it (the quantized small-batch model, compiled where ready): teacher forcing
+        of the decode path, for accuracy checks.
 
         Uses KV blocks past the last allocated one, so call it only on an idle engine (tests, tools)."""
         n = len(token_ids)
+        prefill = n if decode_from is None else max(1, min(decode_from, n))
         table = list(range(self.num_gpu_blocks - (-(-n // self.block_size)), self.num_gpu_blocks))
         if table[0] < 0:
             raise ValueError(f"prompt of {n} tokens does not fit the KV cache")
         slots = [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(n)]
-        meta = AttentionMetadata.build(self.block_size, self.device, slots, [], [], [(0, n, 0, table)])
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        batch = _FlatBatch(name="prompt", ids=ids, rope=self.model.rope_tables(torch.arange(n, device=self.device)),
-                           meta=meta, keep_rows=torch.arange(n, device=self.device), num_cpu=0, cpu_seq_ids=[],
+        meta = AttentionMetadata.build(self.block_size, self.device, slots[:prefill], [], [],
+                                       [(0, prefill, 0, table)])
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)  # [T]
+        pos = torch.arange(n, device=self.device)  # [T]
+        batch = _FlatBatch(name="prompt", ids=ids[:prefill], positions=pos[:prefill],
+                           rope=self.model.rope_tables(pos[:prefill]), meta=meta,
+                           keep_rows=torch.arange(prefill, device=self.device), num_cpu=0, cpu_seq_ids=[],
                            cpu_context_lens=[], decode_only=False)
-        return self.model.logits(self._forward(batch))
+        out = [self.model.logits(self._forward(batch, self.model))]  # [prefill, V]
+        variant, model = self._model_for(1, decode_only=True)
+        for p in range(prefill, n):
+            meta = AttentionMetadata.build(self.block_size, self.device, [slots[p]], [table], [p + 1], [])
+            step = _FlatBatch(name="decode", ids=ids[p:p + 1], positions=pos[p:p + 1],
+                              rope=model.rope_tables(pos[p:p + 1]), meta=meta,
+                              keep_rows=torch.zeros(1, dtype=torch.int64, device=self.device), num_cpu=0,
+                              cpu_seq_ids=[], cpu_context_lens=[], decode_only=True)
+            logits = None
+            if self.compiled is not None:
+                logits = self.compiled.run(variant, step.ids, step.positions, meta.slot_mapping, meta.decode_slots,
+                                           meta.decode_mask)
+            out.append(logits if logits is not None else model.logits(self._forward(step, model)))  # [1, V]
+        return torch.cat(out)
 
 
 class _EagerLayers:
@@ -396,6 +471,7 @@ class _FlatBatch:
 
     name: str
     ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, D]
     meta: AttentionMetadata | None  # device attention of the GPU rows (None when there are none)
     keep_rows: torch.Tensor  # rows whose last-layer output is sampled
@@ -409,8 +485,8 @@ class _FlatBatch:
         return self.ids.shape[0]
 
     @classmethod
-    def build(cls, runner: ModelRunner, name: str, cpu: list[ScheduledSeq], decodes: list[ScheduledSeq],
-              prefills: list[ScheduledSeq]) -> "_FlatBatch":
+    def build(cls, runner: ModelRunner, model: LlamaModel, name: str, cpu: list[ScheduledSeq],
+              decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]) -> "_FlatBatch":
         ids: list[int] = []
         positions: list[int] = []
         for s in cpu:
@@ -444,7 +520,8 @@ class _FlatBatch:
         return cls(
             name=name,
             ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-            rope=runner.model.rope_tables(pos_t),
+            positions=pos_t,
+            rope=model.rope_tables(pos_t),
             meta=meta,
             keep_rows=torch.tensor(keep, dtype=torch.int64).to(dev, non_blocking=True),
             num_cpu=len(cpu),

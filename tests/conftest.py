@@ -9,6 +9,9 @@ import pytest
 # NOTE: 2-core machines: one torch thread per test process keeps parallel helpers (sidecar, servers) from
 # oversubscribing the cores. Tests that measure nothing do not need more.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# NOTE: servers and engines the tests start serve eagerly: a background torch.compile of the decode step costs
+# minutes of a 2-core machine. tests/test_compiled_decode.py compiles on purpose (compile="on").
+os.environ.setdefault("NEOSERVE_COMPILE", "off")
 
 
 @pytest.fixture(scope="session")

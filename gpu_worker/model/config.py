@@ -29,6 +29,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""  # for logs and cache keys
+    source_quantization: str | None = None  # storage type of the layers' projections in the file (GGUF "Q4_1")
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -198,12 +198,19 @@ def _gguf_config(meta: _Metadata, tensors: dict, path: Path) -> tuple[ModelConfi
         bos_token_id=bos,
         eos_token_ids=eos_ids,
         name=str(meta.get("general.name") or path.stem),
+        source_quantization=_projection_type(tensors),
     )
     try:
         config = ModelConfig(**values)
     except ModelLoadError as exc:  # ModelConfig's own checks do not know the file
         raise ModelLoadError(f"{file}: {exc}") from exc
     return config, fields
+
+
+def _projection_type(tensors: dict) -> str | None:
+    """The most common storage type of the layers' 2-D weights ("Q4_1" for the embedded model)."""
+    types = [t.tensor_type.name for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2]
+    return max(set(types), key=types.count) if types else None
 
 
 def _gguf_rope_scaling(meta: _Metadata, tensors: dict, a: str, file: str) -> dict | None:

@@ -8,24 +8,27 @@ Numerics follow transformers' LlamaForCausalLM operation for operation (fp32 on 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gpu_worker.model.config import ModelConfig
+from gpu_worker.model.quant import Weight, linear
 from gpu_worker.model.rope import rope_inv_freq
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    qkv: Weight  # [q_size + 2 * kv_size, hidden]
     qkv_bias: torch.Tensor | None  # [q_size + 2 * kv_size] (Qwen2)
-    o_proj: torch.Tensor  # [hidden, q_size]
+    o_proj: Weight  # [hidden, q_size]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight  # [hidden, intermediate]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,6 +83,25 @@ class LlamaModel:
     def num_layers(self) -> int:
         return self.config.num_layers
 
+    def variant(self, dtype: torch.dtype, project: Callable[[torch.Tensor], Weight] | None = None,
+                head: Callable[[torch.Tensor], Weight] | None = None) -> "LlamaModel":
+        """The same model with activations in `dtype` and each projection (and the LM head) converted by
+        `project` (and `head`), e.g. to quant.Q4Weight: the small-batch decode model next to the dense one.
+        Unconverted tensors are cast to `dtype` (shared, not copied, where they already have it)."""
+        cast = lambda t: None if t is None else t.to(self.device, dtype)  # noqa: E731
+        project = project or cast
+        other = copy.copy(self)
+        other.dtype = dtype
+        other.embed_tokens = cast(self.embed_tokens)
+        other.final_norm = cast(self.final_norm)
+        # NOTE: call this on the fp32 model as loaded: quantizing weights already rounded to bf16 rounds twice.
+        other.layers = [LayerWeights(
+            input_norm=cast(w.input_norm), qkv=project(w.qkv), qkv_bias=cast(w.qkv_bias), o_proj=project(w.o_proj),
+            post_norm=cast(w.post_norm), gate_up=project(w.gate_up), down=project(w.down)) for w in self.layers]
+        other.lm_head = (head or cast)(self.lm_head)
+        other.cos, other.sin = cast(self.cos), cast(self.sin)
+        return other
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
 
@@ -92,7 +114,7 @@ class LlamaModel:
         c = self.config
         layer = self.layers[i]
         h = rms_norm(x, layer.input_norm, c.rms_norm_eps)  # [T, hidden]
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, q_size + 2 * kv_size]
+        qkv = linear(h, layer.qkv, layer.qkv_bias)  # [T, q_size + 2 * kv_size]
         qk, v = qkv.split([c.q_size + c.kv_size, c.kv_size], dim=-1)
         cos, sin = rope
         # NOTE: q and k heads rotate together in one pass (same positions), halving the elementwise ops.
@@ -103,12 +125,12 @@ class LlamaModel:
     def post_attention(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], attn [T, Hq * D] -> next layer's residual stream [T, hidden]."""
         layer = self.layers[i]
-        x = x + F.linear(attn, layer.o_proj)  # [T, hidden]
+        x = x + linear(attn, layer.o_proj)  # [T, hidden]
         h = rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
-        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, intermediate] each
-        return x + F.linear(F.silu(gate) * up, layer.down)  # [T, hidden]
+        gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, intermediate] each
+        return x + linear(F.silu(gate) * up, layer.down)  # [T, hidden]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, hidden] residual stream at the sampled positions -> [N, V] fp32."""
         h = rms_norm(x, self.final_norm, self.config.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head).float()
