@@ -143,9 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    for name, (_, text) in TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)  # NOTE: listed here; main() hands them their own argv
     return parser
 
 
+# Subcommands that parse their own flags (`neoserve probe --help`): name -> (module with main(argv), help).
+TOOLS = {
+    "probe": ("gpu_worker.probe", "measure this host (memory and CPU attention bandwidth, hand-off cost, device) "
+                                  "into host.json, for plan"),
+    "plan": ("gpu_worker.sim.__main__", "simulate gpu-only vs auto vs cpu-all for a model, a host profile or "
+                                        "preset and a workload, before deploying"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -54,8 +54,8 @@ class GatewayConfig(CliConfig):
                 raise ValidationError(name, f"must be in [0, 65535], got {getattr(self, name)} (-1 disables)")
         if self.http_port > 0 and self.http_port in (self.port, self.metrics_port):
             raise ValidationError("http_port", f"port {self.http_port} is already the gRPC or the metrics port")
-        if not 0 < self.http_max_body_mib <= 1024:
-            raise ValidationError("http_max_body_mib", f"must be in (0, 1024], got {self.http_max_body_mib}")
+        if problem := http_max_body_problem(self.http_max_body_mib):
+            raise ValidationError("http_max_body_mib", problem)
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValidationError("served_model_name", "must not be empty")
         if self.max_inflight < 1:
@@ -82,3 +82,7 @@ class GatewayConfig(CliConfig):
     def listen_address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+
+def http_max_body_problem(mib: float) -> str | None:
+    """Why --http-max-body-mib is out of range, or None (the launcher checks it before starting the gateway)."""
+    return None if 0 < mib <= 1024 else f"must be in (0, 1024], got {mib}"

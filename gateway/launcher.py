@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.config import http_max_body_problem
 from neoserve.config_fields import CliConfig, flag
 from neoserve.shm_ring import WaitPolicy
 
@@ -64,6 +65,7 @@ class ServeConfig(CliConfig):
                                          "the checkpoint's file or folder name)")
     max_inflight: int = flag(256, "requests the gateway forwards to the worker at once")
     max_queued: int = flag(512, "requests waiting in the gateway; beyond it RESOURCE_EXHAUSTED")
+    http_max_body_mib: float = flag(16.0, "largest OpenAI HTTP request body in MiB; larger ones get 413")
     api_key: str | None = flag(None, "require this API key on the public port (or env NEOSERVE_API_KEY); "
                                      "passed to the gateway through its environment, never its command line")
     tls_cert: str | None = flag(None, "PEM certificate chain for the public port")
@@ -313,6 +315,7 @@ class Launcher:
                         "--worker-address", worker_address, "--metrics-port", str(serve.metrics_port),
                         "--http-port", str(serve.resolved_http_port),
                         "--max-inflight", str(serve.max_inflight), "--max-queued", str(serve.max_queued),
+                        "--http-max-body-mib", str(serve.http_max_body_mib),
                         "--drain-timeout-s", str(serve.drain_timeout_s), "--port-file", str(self._gateway_port_file),
                         "--model", engine_model or "embedded"]
         if sidecar_address:
@@ -358,7 +361,12 @@ class Launcher:
 
     def startup_problem(self) -> str | None:
         """A cause that no restart can fix (model file, ports), found before any child starts; None if none."""
-        return model_problem(self._model_spec) or self._ports_problem()
+        return model_problem(self._model_spec) or self._ports_problem() or self._limits_problem()
+
+    def _limits_problem(self) -> str | None:
+        # NOTE: the gateway checks it too; here it ends the start-up at once rather than after gateway restarts.
+        problem = http_max_body_problem(self.serve.http_max_body_mib)
+        return f"--http-max-body-mib: {problem}" if problem else None
 
     def _ports_problem(self) -> str | None:
         """The gateway's public ports: each free (or 0) and no two the same. After the first start, the ports the

@@ -67,6 +67,7 @@ def _sse(obj: Any) -> bytes:
 class OpenAIServer:
     def __init__(self, service: GenerationService, *, api_key: str | None = None,
                  served_model_name: str | None = None, serving: Callable[[], bool] = lambda: True,
+                 degraded: Callable[[], bool] = lambda: False,
                  registry: CollectorRegistry | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self._service = service
         self._max_body = max_body_bytes
@@ -74,6 +75,7 @@ class OpenAIServer:
         self._auth = ApiKeyCheck(api_key) if api_key else None
         self._served_name = served_model_name
         self._serving = serving
+        self._degraded = degraded
         self._registry = registry
         self._started = int(time.time())
         self._runner: web.AppRunner | None = None
@@ -131,7 +133,9 @@ class OpenAIServer:
 
     async def _health(self, request: web.Request) -> web.Response:
         serving = self._serving()
-        return web.json_response({"status": "serving" if serving else "not_serving"}, status=200 if serving else 503)
+        # NOTE: degraded (serving without CPU offload, the sidecar down) still answers 200: requests are served.
+        status = ("degraded" if self._degraded() else "serving") if serving else "not_serving"
+        return web.json_response({"status": status}, status=200 if serving else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -96,7 +96,8 @@ class Gateway:
         self.http: OpenAIServer | None = None
         if config.http_port >= 0:
             self.http = OpenAIServer(self.service, api_key=config.api_key, served_model_name=config.served_model_name,
-                                     serving=lambda: self.monitor.serving, registry=self.metrics.registry,
+                                     serving=lambda: self.monitor.serving,
+                                     degraded=lambda: self.monitor.degraded, registry=self.metrics.registry,
                                      max_body_bytes=int(config.http_max_body_mib * 2**20))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

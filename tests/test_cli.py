@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.live_server import PROJECT_ROOT
 
 
@@ -94,3 +96,13 @@ def test_worker_reports_the_stable_model_id():
     info = asyncio.run(WorkerServicer(EngineConfig(device="cpu"), engine).Info(None, None))
     assert info.model_id == "smollm2-135m-instruct"
     assert info.model_spec == ""
+
+
+@pytest.mark.parametrize("tool", ["probe", "plan"])
+def test_probe_and_plan_are_subcommands_with_their_own_flags(tool, capsys):
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([tool, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: neoserve {tool}" in capsys.readouterr().out

@@ -7,6 +7,7 @@ tests/test_reliability_bad_input.py.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -93,5 +94,20 @@ def test_metrics_on_the_http_port_need_the_api_key(tmp_path):
         assert status == 200 and b"neoserve_requests_finished_total" in answer
         assert h.request("GET", "/health")[0] == 200  # load balancers need no secret
         assert h.request("GET", "/healthz")[0] == 401  # only the health path itself is open
+    finally:
+        h.close()
+
+
+def test_health_says_degraded_while_the_sidecar_is_down(tmp_path):
+    """Serving without CPU offload is still serving (200), but /health says so, as the gRPC health service does."""
+    h = GatewayHarness(tmp_path, "--sidecar-address", f"unix:{tmp_path / 'no-sidecar.sock'}")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            status, answer = h.request("GET", "/health")
+            if json.loads(answer)["status"] == "degraded" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert (status, json.loads(answer)) == (200, {"status": "degraded"})
     finally:
         h.close()

@@ -65,6 +65,11 @@ def test_a_file_that_is_not_a_gguf_fails_at_once_naming_it(tmp_path):
     assert_one_line_naming(proc, elapsed, str(junk), "not a GGUF file", "--model")
 
 
+def test_an_http_body_cap_out_of_range_fails_at_once_naming_it():
+    proc, elapsed = serve("--http-max-body-mib", "0", "--port", "0", "--metrics-port", "-1")
+    assert_one_line_naming(proc, elapsed, "--http-max-body-mib", "(0, 1024]")
+
+
 @pytest.mark.parametrize("flag_name", ["--port", "--http-port", "--metrics-port"])
 def test_a_port_in_use_fails_at_once_naming_the_port_and_its_flag(flag_name):
     with socket.socket() as taken:
