@@ -127,7 +127,9 @@ def running_server(extra_args: list[str], prefix: str = "neoserve-test-",
 @pytest.fixture(scope="session")
 def neoserve_server():
     """The running server shared by the session's end-to-end tests."""
-    with running_server(["--worker-threads", "1", "--drain-timeout-s", "5"]) as handle:
+    # NOTE: --dtype float32, the exact path: the default CPU path picks its weights by batch size (cpu_formats.py), so
+    # its greedy tokens depend on what else is running, and these tests compare tokens with a reference engine.
+    with running_server(["--worker-threads", "1", "--drain-timeout-s", "5", "--dtype", "float32"]) as handle:
         yield handle
 
 
@@ -135,14 +137,14 @@ def neoserve_server():
 
 @pytest.fixture(scope="session")
 def neoserve_reference_engine():
-    """The engine in the test process with the server worker's defaults: the reference for generated tokens."""
+    """The engine in the test process on the test servers' exact path: the reference for generated tokens."""
     import torch
 
     from gpu_worker.config import EngineConfig
     from gpu_worker.engine import LLMEngine
 
     torch.set_num_threads(1)
-    return LLMEngine(EngineConfig(threads=1))
+    return LLMEngine(EngineConfig(threads=1, dtype="float32"))
 
 
 def engine_generate(engine, prompts: list[list[int]], params) -> list[tuple[list[int], str]]:

@@ -40,9 +40,10 @@ pytest_plugins = ["tests.live_server"]
 MAX_INFLIGHT = 8
 MAX_QUEUED = 8
 GPU_KV_TOKENS = 128  # 8 blocks of 16 tokens
-SERVER_ARGS = ["--worker-threads", "1", "--drain-timeout-s", "5", "--mode", "auto", "--gpu-kv-tokens",
-               str(GPU_KV_TOKENS), "--cpu-kv-gib", "0.125", "--max-inflight", str(MAX_INFLIGHT), "--max-queued",
-               str(MAX_QUEUED)]
+# NOTE: --dtype float32 (the exact path): the tests compare tokens with the reference engine (see live_server.py).
+SERVER_ARGS = ["--worker-threads", "1", "--drain-timeout-s", "5", "--dtype", "float32", "--mode", "auto",
+               "--gpu-kv-tokens", str(GPU_KV_TOKENS), "--cpu-kv-gib", "0.125", "--max-inflight", str(MAX_INFLIGHT),
+               "--max-queued", str(MAX_QUEUED)]
 # NOTE: a fixed cost model instead of the profile the worker would measure at start-up: a profile taken while other
 # work loads the machine prices the CPU differently, and with it whether sequences move to the sidecar.
 FIXED_COST_MODEL = {"NEOSERVE_PERF_MODEL": str(Path(__file__).resolve().parent / "data"
