@@ -418,7 +418,8 @@ def main() -> None:
     if args.cmd == "build":
         print(build(args.jobs).bin_dir)
         return
-    lc = ensure(build_if_missing=False)
+    needs = {"where": TOOLS, "bench": ("llama-bench", "llama-batched-bench"), "serve": ("llama-server",)}
+    lc = ensure(build_if_missing=False, tools=needs[args.cmd])
     if args.cmd == "where":
         print(lc.root)
         return

