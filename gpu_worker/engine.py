@@ -158,6 +158,13 @@ class LLMEngine:
             raise ValidationError("params", "must be a SamplingParams")
         validate_prompt(prompt_token_ids, params, max_model_len=self.max_model_len,
                         vocab_size=self.model_config.vocab_size)
+        # NOTE: a prefill runs on the device whatever the mode, so a prompt whose KV the device cache cannot hold
+        # could never start (the scheduler would fail it later with an internal error).
+        bm = self.block_manager
+        if bm.blocks_for(len(prompt_token_ids) + 1) > bm.num_blocks:
+            raise ValidationError("prompt", f"needs {len(prompt_token_ids) + 1} tokens of KV for its prefill; the "
+                                            f"device KV cache holds {bm.num_blocks * bm.block_size}: shorten the "
+                                            "prompt (or start the server with more --gpu-kv-gib / --gpu-kv-tokens)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validate(request_id, prompt_token_ids, params)

@@ -53,7 +53,7 @@ def test_sidecar_death_while_a_swap_in_is_in_flight_recomputes_exactly(reference
         # cache is zeroed first: the blocks the swap-in gets may be the ones this sequence had before it moved, and
         # their stale KV would hide a copy that never happened.
         engine.scheduler.config.mode = "auto"
-        engine.runner.kv_cache.data.zero_()
+        engine.runner.kv_cache.zero_()
         sidecar, download = engine.sidecar, engine.sidecar.download_kv
         layers_copied = []
 

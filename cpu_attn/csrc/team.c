@@ -456,8 +456,9 @@ static int handle_attn(Team *t, const ring_record *rec) {
     }
     const uint64_t out_bytes = MSG_HEADER + 4ull * B * hq * D;
     if (ring_slots_for(&t->resp, out_bytes) == 0) {
-        snprintf(why, sizeof why, "an answer of %llu bytes exceeds the response ring",
-                 (unsigned long long)out_bytes);
+        /* NOTE: the Python data plane's wording (neoserve/shm_ring.py), so an answer is refused alike on both. */
+        snprintf(why, sizeof why, "an answer of %llu bytes exceeds the ring's maximum message size; "
+                 "split the batch", (unsigned long long)out_bytes);
         return reply_error(t, tag, code, why) < 0 ? STOPPED : HANDLED;
     }
     uint64_t out_off;
