@@ -241,9 +241,15 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     const int64_t M = xf.size(0);
     at::Tensor y = at::empty({M, N}, xf.options());
     if (M == 0 || N == 0) return y.to(x.scalar_type());
-    const at::Tensor xsum = xf.view({M, G, kGroup}).sum(-1).contiguous();  // [M, G]
     const float* xp = xf.data_ptr<float>();
-    const float* sp = xsum.data_ptr<float>();
+    // NOTE: a plain loop, not at::sum: a few hundred floats, where the op's dispatch cost more than the sums.
+    at::Tensor xsum = at::empty({M, G}, xf.options());  // [M, G]
+    float* sp = xsum.data_ptr<float>();
+    for (int64_t r = 0; r < M * G; r++) {
+        float acc = 0.f;
+        for (int64_t i = 0; i < kGroup; i++) acc += xp[r * kGroup + i];
+        sp[r] = acc;
+    }
     const uint8_t* qp = q.data_ptr<uint8_t>();
     const uint16_t* dp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
     float* yp = y.data_ptr<float>();
