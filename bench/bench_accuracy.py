@@ -1,7 +1,7 @@
 """Top-1 agreement with fp32 transformers over teacher-forced natural text: each of our engine paths, and llama.cpp.
 
     python bench/bench_accuracy.py                                      # paths "default" and "fp32", plus llama.cpp
-    python bench/bench_accuracy.py --path bf16:dtype=bfloat16 --path int4:dtype=bfloat16,quantization=int4
+    python bench/bench_accuracy.py --path q8:quantization=q8 --path bf16:dtype=bfloat16
     python bench/bench_accuracy.py --no-peer --max-positions 32         # our side only, seconds
 
 The text (bench/data/, see its README) is tokenized once with the model's tokenizer and cut into windows of --window
@@ -11,7 +11,8 @@ each position but a window's last, the argmax of an engine's logits is compared 
   next-token acc  share where the engine's argmax is the text's actual next token (the reference's own is printed);
   mean KL         KL(reference || engine) in nats, averaged over the positions.
 Reference: transformers' own loading of the same GGUF in fp32 (dequantized), as tests/conftest.py's `hf_model`.
-Ours: `ModelRunner.prompt_logits` of an `LLMEngine(EngineConfig(...))` per --path NAME:key=value,key=value (the
+Ours: `ModelRunner.prompt_logits(window, decode_from=1)` (each position a batch-1 decode step, as served) of an
+`LLMEngine(EngineConfig(...))` per --path NAME:key=value,key=value (the
 pairs are EngineConfig fields, as bench_cpu_decode.py's --engine-arg; `--engine-arg` applies to every path).
 llama.cpp: the same token ids through its C API (the sdist's ctypes bindings on the built libllama.so), logits for
 every position, same threads.
@@ -111,7 +112,10 @@ def parse_path(spec: str) -> tuple[str, list[str]]:
 def score_our_path(ref: list[torch.Tensor], windows: list[list[int]], base: dict, pairs: list[str]) -> Score:
     engine, _ = make_engine(base, pairs)
     try:
-        return score_all(ref, windows, lambda w: engine.runner.prompt_logits(w).cpu())
+        # NOTE: decode_from=1: every position after a window's first is one batch-1 decode step, through the model
+        # variant and compiled graph that serve batch 1 (the quantized one on the default CPU path): the logits the
+        # served tokens come from, not the dense prefill's.
+        return score_all(ref, windows, lambda w: engine.runner.prompt_logits(w, decode_from=1).cpu())
     finally:
         engine.close()
 

@@ -1,7 +1,7 @@
 """Our CPU decode against llama.cpp's, in one run: same GGUF, same threads, batch 1 and batch 32.
 
     python bench/bench_cpu_decode.py                                  # engine defaults, 2 threads
-    python bench/bench_cpu_decode.py --engine-arg dtype=bfloat16 --engine-arg quantization=int4
+    python bench/bench_cpu_decode.py --engine-arg quantization=q8 --engine-arg compile=off
     python bench/bench_cpu_decode.py --quick --no-peer               # seconds-long smoke run of our side only
 
 Ours (through `gpu_worker.engine.LLMEngine` directly, greedy, ignore_eos), the median of --repeats runs:
@@ -104,8 +104,17 @@ def parse_engine_args(pairs: list[str]) -> dict[str, object]:
 
 
 def make_engine(base: dict[str, object], pairs: list[str]) -> tuple[LLMEngine, dict[str, object]]:
+    """The engine, with its background compiles (if any) finished: the bench times compiled steps, not the eager
+    fallback a server runs meanwhile."""
     kwargs = {**base, **parse_engine_args(pairs)}
-    return LLMEngine(EngineConfig(**kwargs)), kwargs
+    engine = LLMEngine(EngineConfig(**kwargs))
+    compiled = getattr(engine.runner, "compiled", None)
+    if compiled is not None:
+        t0 = time.perf_counter()
+        print("waiting for the decode step's compiles ...", flush=True)
+        compiled.wait()
+        print(f"compiled in {time.perf_counter() - t0:.0f} s: {compiled.compile_seconds}", flush=True)
+    return engine, kwargs
 
 
 # --- machine ----------------------------------------------------------------------------------------------------------
@@ -157,11 +166,12 @@ def _tensors_in(obj, seen: set[int], depth: int = 0):
             yield from _tensors_in(v, seen, depth + 1)
 
 
-def our_weight_bytes(engine: LLMEngine) -> int:
-    """Bytes of the model's tensors a decode step reads in full: every tensor the model object holds (in whatever
-    format the configured path keeps its weights), counted once per storage, less those a step reads one row of:
-    the rotary tables and the embedding table (unless it is also the LM head)."""
-    model = engine.runner.model
+def our_weight_bytes(engine: LLMEngine, batch: int) -> int:
+    """Bytes of the model's tensors a decode step of `batch` sequences reads in full: every tensor the model variant
+    serving that batch holds (in whatever format it keeps its weights), counted once per storage, less those a step
+    reads one row of: the rotary tables and the embedding table (unless it is also the LM head)."""
+    runner = engine.runner
+    model = runner.decode_model(batch) if hasattr(runner, "decode_model") else runner.model
     skip = {id(getattr(model, name, None)) for name in ("cos", "sin")}
     if getattr(model, "embed_tokens", None) is not getattr(model, "lm_head", None):
         skip.add(id(getattr(model, "embed_tokens", None)))
@@ -271,7 +281,7 @@ def main() -> None:
         lc = None  # NOTE: llama.cpp reads GGUF only: a checkpoint folder or random weights has no peer figure
     print(f"ours: EngineConfig({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}); "
           f"{engine.runner.device} {engine.runner.dtype}; model {model_path.name}", flush=True)
-    ours_bytes = our_weight_bytes(engine)
+    ours_bytes = {b: our_weight_bytes(engine, b) for b in (1, args.batch)}
     b1, b1_all = our_decode_rate(engine, 1, args.short_prompt, args.new_tokens, args.repeats, args.warmup_tokens)
     print(f"ours batch 1: {b1:.1f} tok/s (runs: {', '.join(f'{r:.1f}' for r in b1_all)})", flush=True)
     bn, bn_all = our_decode_rate(engine, args.batch, args.prompt_len, args.new_tokens, args.repeats,
@@ -294,7 +304,8 @@ def main() -> None:
 
     print(f"\nload average after: {load_average()}")
     print(f"read bandwidth (median, {args.threads} threads): {bw.median_gbs:.1f} GB/s; weights read per step: ours "
-          f"{ours_bytes / 1e6:.1f} MB, llama.cpp {peer_bytes / 1e6:.1f} MB")
+          f"{ours_bytes[1] / 1e6:.1f} MB at batch 1, {ours_bytes[args.batch] / 1e6:.1f} MB at batch {args.batch}; "
+          f"llama.cpp {peer_bytes / 1e6:.1f} MB")
     header = (f"{'batch':>5} {'engine':<28} {'tok/s':>8} {'ours/peer':>9} {'weight GB/s':>11} {'of read bw':>10}")
     print(header)
 
@@ -308,10 +319,10 @@ def main() -> None:
     def ratio(ours: float, peer: float | None) -> str:
         return f"{ours / peer:.2f}x" if peer else "-"
 
-    row(1, "ours", b1, ours_bytes, ratio(b1, peer_b1))
+    row(1, "ours", b1, ours_bytes[1], ratio(b1, peer_b1))
     row(1, f"llama-bench tg{args.new_tokens}", peer_b1, peer_bytes)
     row(1, "llama-batched-bench S_TG", peer_b1_batched, peer_bytes)
-    row(args.batch, "ours", bn, ours_bytes, ratio(bn, peer_bn))
+    row(args.batch, "ours", bn, ours_bytes[args.batch], ratio(bn, peer_bn))
     row(args.batch, "llama-batched-bench S_TG", peer_bn, peer_bytes)
     if peer_b1 and peer_bn:
         print(f"goals (issue 14): batch 1 >= 1.2x llama-bench: {b1 / peer_b1:.2f}x; batch {args.batch} >= 2x "

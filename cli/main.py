@@ -89,6 +89,9 @@ def cmd_serve(args) -> int:
     if args.once is not None:
         serve_config.http_port = -1  # NOTE: one reply over gRPC: no HTTP port to open (or collide on)
     engine_config = EngineConfig.from_cli_args(args)
+    if args.once is not None and engine_config.compile == "auto":
+        # NOTE: one reply, then exit: a background compile would only take a core from that reply.
+        engine_config.compile = "off"
     if engine_config.threads is not None:  # the launcher passes --threads from its CPU plan; an explicit one wins
         serve_config.worker_threads = engine_config.threads
         engine_config.threads = None

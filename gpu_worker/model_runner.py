@@ -121,6 +121,10 @@ class ModelRunner:
     def _decode_models(self) -> list[LlamaModel]:
         return [m for _, _, m in self._decode_ranges()]
 
+    def decode_model(self, batch: int) -> LlamaModel:
+        """The model variant that serves a decode-only step of `batch` sequences (benchmarks, accuracy tools)."""
+        return self._model_for(batch, decode_only=True)[1]
+
     def _model_for(self, num_decodes: int, decode_only: bool) -> tuple[int | None, LlamaModel]:
         """The model (and its index in _decode_ranges) that runs a step: prefills always run the dense one."""
         if decode_only:

@@ -199,7 +199,16 @@ def test_weight_bytes_of_the_fp32_path_are_the_dequantized_model():
         mc = engine.model_config
         assert mc.tie_word_embeddings  # SmolLM2: the embedding is the LM head, read in full each step
         params = 134_515_008  # SmolLM2-135M's parameter count (embedding counted once)
-        assert abs(bench_cpu_decode.our_weight_bytes(engine) - 4 * params) < 0.01 * 4 * params
+        assert abs(bench_cpu_decode.our_weight_bytes(engine, 1) - 4 * params) < 0.01 * 4 * params
+    finally:
+        engine.close()
+    # The quantized batch-1 model reads the GGUF's own bytes: Q4_1 layers, the Q8_0 LM head (same block sizes
+    # as llama.cpp's, so the same total give or take the norms, which we keep in fp32).
+    engine, _ = bench_cpu_decode.make_engine({"threads": 1, "gpu_kv_gib": 0.01, "compile": "off"},
+                                             ["quantization=q4"])
+    try:
+        q = bench_cpu_decode.our_weight_bytes(engine, 1)
+        assert abs(q - 96_576_768) < 0.01 * 96_576_768, q
     finally:
         engine.close()
     assert bench_cpu_decode.gguf_weight_bytes(bench_accuracy.embedded_model_path()) == 96_576_768
