@@ -10,7 +10,8 @@ small-batch variant at batch 1 and at batch >= 2, and the dense variant (`cpu_fo
 
 Compile time must not land on a request: the graphs compile on a background thread, one after another, while the
 runner serves those batches eagerly; each graph is used from the step after it is ready. Inductor's on-disk caches
-(FX graph and AOTAutograd caches) live in ~/.cache/neoserve/inductor, so a restart recompiles from them in seconds.
+(FX graph and AOTAutograd caches) live in ~/.cache/neoserve/inductor (gpu_worker/__init__.py), so a restart
+recompiles from them in seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,6 @@ def compile_enabled(mode: str, device: torch.device, exact: bool) -> bool:
     if mode == "auto":
         return device.type == "cpu" and not exact and os.environ.get(COMPILE_ENV, "").lower() != "off"
     return mode == "on"
-
-
-def inductor_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "neoserve" / "inductor"
 
 
 def decode_step(model: LlamaModel, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], ids: torch.Tensor,
@@ -93,7 +88,6 @@ class CompiledDecode:
         import torch._dynamo
         import torch._inductor.config as inductor_config
 
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
         # NOTE: one C++ compile process: the other core keeps serving the eager steps meanwhile.
         inductor_config.compile_threads = 1
         # NOTE: every variant and batch class is its own specialisation of the same code object.
