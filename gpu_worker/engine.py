@@ -144,6 +144,8 @@ class LLMEngine:
         self.sidecar = None
 
     def close(self) -> None:
+        if self.runner.compiled is not None:
+            self.runner.compiled.close()  # no new graph starts compiling; one in progress finishes on its thread
         if self.sidecar is not None:
             self.sidecar.close()
             self.sidecar = None
