@@ -15,8 +15,8 @@ from gpu_worker.compiled_decode import CompiledDecode, compile_enabled
 from gpu_worker.config import EngineConfig
 from gpu_worker.cpu_formats import FormatPlan, plan_formats
 from gpu_worker.layer_graphs import GraphedLayers, LayerGraphs
-from gpu_worker.model.llama import LlamaModel
 from gpu_worker.model import quant
+from gpu_worker.model.llama import LlamaModel
 from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from gpu_worker.scheduler import ScheduledSeq, SchedulerOutput
@@ -40,11 +40,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # NOTE: fp32 on CPU: torch's bf16/fp16 CPU kernels were far slower here than fp32 ones.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def resolve_dtype(name: str) -> torch.dtype:
+    """The model's dtype on a GPU (a CPU's formats are measured: cpu_formats.plan_formats)."""
+    return torch.bfloat16 if name == "auto" else getattr(torch, name)
 
 
 @dataclass
@@ -70,7 +68,7 @@ class ModelRunner:
             if config.quantization not in ("auto", "none"):
                 raise ValueError(f"quantization {config.quantization!r} runs on the CPU only; use --quantization none "
                                  "(or auto) on cuda")
-            dtype = resolve_dtype(config.dtype, self.device)
+            dtype = resolve_dtype(config.dtype)
             self.model_config, weights = load_model(config.model, dtype=dtype, device=self.device)
             self.formats = FormatPlan(dtype, None, 0, dtype)
         self.dtype = self.formats.dense_dtype  # activations of prefills and of the dense model
