@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -113,13 +114,14 @@ class LLMEngine:
             self.scheduler.config.mode = self.config.mode
 
     def _make_planner(self) -> PipelinePlanner:
-        cost = None
-        if self.config.mode == "auto":
-            from gpu_worker.perf_model import load_or_profile
+        from gpu_worker.perf_model import FIXED_MODEL_ENV, load_or_profile
 
-            cost = load_or_profile(self.runner, self.sidecar)
+        cost = load_or_profile(self.runner, self.sidecar) if self.config.mode == "auto" else None
         bound = self.config.latency_bound_ms / 1000 if self.config.latency_bound_ms else None
-        return PipelinePlanner(cost, latency_bound_s=bound, max_wait_steps=self.config.max_cpu_wait_steps)
+        # NOTE: a pinned cost model ($NEOSERVE_PERF_MODEL) is used as it is: no step overhead learnt on top, so the
+        # planner's decisions do not depend on how busy the machine is (tests rely on that).
+        return PipelinePlanner(cost, latency_bound_s=bound, max_wait_steps=self.config.max_cpu_wait_steps,
+                               learn_overhead=not os.environ.get(FIXED_MODEL_ENV))
 
     def _release_sidecar(self, seqs: list[Sequence]) -> None:
         """Frees the sidecar KV of finished or preempted sequences; a dead sidecar found here fails over at once."""

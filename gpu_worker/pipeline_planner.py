@@ -49,7 +49,8 @@ def _context(seqs: list[Sequence]) -> int:
 class PipelinePlanner:
     OVERHEAD_EWMA = 0.1  # weight of the newest step in the learnt overheads
 
-    def __init__(self, cost: CostModel | None = None, latency_bound_s: float | None = None, max_wait_steps: int = 4):
+    def __init__(self, cost: CostModel | None = None, latency_bound_s: float | None = None, max_wait_steps: int = 4,
+                 learn_overhead: bool = True):
         if max_wait_steps < 0:
             raise ValueError(f"max_wait_steps must be >= 0, got {max_wait_steps}")
         self.cost = cost
@@ -63,9 +64,12 @@ class PipelinePlanner:
         # the same cores, or its hand-offs cost more than the profile saw, a step with CPU decodes is much slower
         # than predicted, and admission must see that to stop moving sequences to the CPU.
         self.step_overhead_s = {False: 0.0, True: 0.0}
+        self.learn_overhead = learn_overhead
 
     def observe(self, predicted_s: float, measured_s: float, with_cpu: bool) -> None:
         """A decode step the cost model predicted at predicted_s took measured_s."""
+        if not self.learn_overhead:
+            return
         o = self.step_overhead_s
         o[with_cpu] += self.OVERHEAD_EWMA * (measured_s - predicted_s - o[with_cpu])
 

@@ -406,3 +406,12 @@ def test_auto_preempts_a_sequence_that_outgrows_the_gpu_where_the_cpu_does_not_p
     assert PipelinePlanner(FakeCost()).swap_beats_preempt(gpu, [], gpu[1])
     assert not PipelinePlanner(SlowSidecarCost()).swap_beats_preempt(gpu, [], gpu[1])
     assert not PipelinePlanner(FakeCost(), latency_bound_s=1e-3).swap_beats_preempt(gpu, [], gpu[1])
+
+
+def test_a_pinned_cost_model_learns_no_overhead():
+    """With learn_overhead off (a pinned $NEOSERVE_PERF_MODEL), measured steps do not move the planner's decisions."""
+    learning, pinned = PipelinePlanner(learn_overhead=True), PipelinePlanner(learn_overhead=False)
+    for planner in (learning, pinned):
+        planner.observe(predicted_s=0.01, measured_s=0.5, with_cpu=True)
+    assert learning.step_overhead_s[True] > 0
+    assert pinned.step_overhead_s == {False: 0.0, True: 0.0}
