@@ -75,6 +75,10 @@ def plan_formats(mc: ModelConfig, dtype: str, quantization: str, source_type: st
     quant_kind = source_quant(source_type) if quantization == "auto" else (
         None if quantization == "none" else quantization)
     shapes = _projection_shapes(mc)
+    if quant_kind is not None and any(in_f % quant.GROUP for _, in_f in shapes):
+        log.warning("%s weights need input sizes divisible by %d (this model has %s): serving dense", quant_kind,
+                    quant.GROUP, sorted({in_f for _, in_f in shapes}))
+        quant_kind = None
     if dtype == "auto":
         dense = min((torch.float32, torch.bfloat16), key=lambda dt: _time_dense(shapes, PREFILL_ROWS, dt))
     else:

@@ -37,6 +37,12 @@ def test_float32_is_the_exact_plan():
     assert plan.quant == "q8" and plan.quant_max_batch >= 1 and plan.kv_dtype == torch.bfloat16
 
 
+def test_shapes_the_block_formats_cannot_hold_are_served_dense():
+    mc = ModelConfig("llama", 256, 80, 160, 2, 4, 2, 20)  # hidden 80: not a multiple of the 32-weight groups
+    plan = plan_formats(mc, "float32", "q4", "Q4_1", 8)
+    assert plan.quant is None and plan.quant_max_batch == 0
+
+
 @pytest.mark.slow
 def test_quantized_decode_path_agrees_with_transformers(hf_model, tokenizer):
     """Teacher forcing through the decode path that serves batch 1 (the Q4_1 weights, the Q8_0 LM head, bf16 KV):
