@@ -175,7 +175,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             model_spec=self._config.model or "", model_id=model_id(self._config.model),
             architecture=mc.architecture, vocab_size=mc.vocab_size, max_model_len=engine.max_model_len,
             eos_token_ids=mc.eos_token_ids, device=device, mode=self._config.mode,
-            max_num_seqs=self._config.max_num_seqs,
+            max_num_seqs=self._config.max_num_seqs, block_size=self._config.block_size,
         )
 
     async def Stats(self, request, context) -> worker_pb2.StatsResponse:

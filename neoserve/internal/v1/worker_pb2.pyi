@@ -144,7 +144,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_spec", "model_id", "architecture", "vocab_size", "max_model_len", "eos_token_ids", "device", "mode", "max_num_seqs")
+    __slots__ = ("model_spec", "model_id", "architecture", "vocab_size", "max_model_len", "eos_token_ids", "device", "mode", "max_num_seqs", "block_size")
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_spec: str
     model_id: str
     architecture: str
@@ -163,7 +164,8 @@ class InfoResponse(_message.Message):
     device: str
     mode: str
     max_num_seqs: int
-    def __init__(self, model_spec: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    block_size: int
+    def __init__(self, model_spec: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
