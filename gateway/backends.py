@@ -1,10 +1,13 @@
-"""Watches the worker (and sidecar) and decides what the gateway's health service says.
+"""Watches the backends (worker + sidecar pairs) and decides what the gateway's health service says.
 
-The gateway reports SERVING only when every process a request needs is up: the worker answers its health check
-and holds the request stream, and the tokenizer is loaded. The sidecar is not one of them: without it the worker
-serves gpu-only, so a sidecar that is down (or not yet taken back by the worker) makes the server degraded, not
-down: the `neoserve_degraded` metric is 1 and the health service OFFLOAD_SERVICE is NOT_SERVING meanwhile.
-The same loop copies the worker's scheduler and KV counters into the metrics.
+The gateway reports SERVING when its tokenizer is loaded and at least one backend can take requests: its worker
+answers its health check and holds the request stream (gateway/backend.py). A backend that fails its check is
+drained: the router sends it nothing new while its open streams run on or fail. The sidecar is not needed to serve:
+without it a worker serves gpu-only, so a sidecar that is down (or not yet taken back by its worker) makes the
+server degraded, not down: the `neoserve_degraded` metric is 1 and the health service OFFLOAD_SERVICE is
+NOT_SERVING meanwhile. The model (tokenizer, limits) comes from the first backend that answers; a backend serving
+another model is never routed to. The same loop copies the workers' counters into the metrics (summed, and per
+backend) and closes backends that discovery retired once they are idle.
 """
 
 from __future__ import annotations
@@ -12,19 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 from grpc_health.v1 import health, health_pb2
 
 from neoserve.errors import ModelLoadError
-from neoserve.internal.v1 import sidecar_pb2, sidecar_pb2_grpc
+from neoserve.internal.v1 import worker_pb2
 from neoserve.model_defaults import load_generation_defaults
 from neoserve.tokenizer import Tokenizer
 
 from gateway.admission import Admission
-from gateway.healthcheck import sidecar_up
+from gateway.backend import Backend, BackendSpec
+from gateway.backend_pool import BackendPool
 from gateway.metrics import GatewayMetrics
 from gateway.generation import ModelState
-from gateway.worker_client import CHANNEL_OPTIONS, WorkerClient
+from gateway.router import DEFAULT_BLOCK_SIZE, Router
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +38,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class BackendMonitor:
-    def __init__(self, *, worker: WorkerClient, sidecar_address: str | None, model: ModelState, model_spec: str | None,
-                 health_servicer: health.aio.HealthServicer, metrics: GatewayMetrics, admission: Admission,
-                 interval_s: float):
-        self._worker = worker
+    def __init__(self, *, model: ModelState, model_spec: str | None, health_servicer: health.aio.HealthServicer,
+                 metrics: GatewayMetrics, admission: Admission, interval_s: float, pool: BackendPool | None = None,
+                 router: Router | None = None, worker=None, sidecar_address: str | None = None):
+        """Watches `pool`; or, given `worker` (a WorkerClient) and its `sidecar_address`, that one backend."""
+        if pool is None:
+            pool = BackendPool([BackendSpec(worker.address, sidecar_address)],
+                               make=lambda spec: Backend(spec, worker))
+        self.pool = pool
+        self._router = router
         self._model = model
         self._model_spec = model_spec
         self.fatal_error: ModelLoadError | None = None  # set when the model can never be served (no tokenizer)
@@ -46,27 +54,12 @@ class BackendMonitor:
         self._metrics = metrics
         self._admission = admission
         self._interval_s = interval_s
-        self._sidecar_channel = None
-        self._sidecar = None
-        if sidecar_address:
-            self._sidecar_channel = grpc.aio.insecure_channel(sidecar_address, options=CHANNEL_OPTIONS)
-            self._sidecar = sidecar_pb2_grpc.CpuAttentionServiceStub(self._sidecar_channel)
         self.serving = False
-        self.degraded = False  # serving without CPU offload (see _set_offload)
+        self.degraded = False  # serving without CPU offload on some backend (see _set_offload)
         self._tokenizer_task: asyncio.Task | None = None
 
     async def close(self) -> None:
-        if self._sidecar_channel is not None:
-            await self._sidecar_channel.close()
-
-    async def _sidecar_ok(self) -> bool:
-        if self._sidecar is None:
-            return True
-        try:
-            resp = await self._sidecar.Health(sidecar_pb2.SidecarHealthRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            return False
-        return sidecar_up(resp.status)
+        await self.pool.close()
 
     def start_tokenizer_load(self, info=None) -> None:
         """Loads the tokenizer now if its source is known, in parallel with the worker loading the model. A
@@ -81,8 +74,8 @@ class BackendMonitor:
         self._tokenizer_task = asyncio.get_running_loop().create_task(
             asyncio.to_thread(Tokenizer.load, self._model_spec, **kwargs))
 
-    async def _load_model(self) -> None:
-        info = await self._worker.info()
+    async def _load_model(self, backend: Backend) -> None:
+        info = backend.info
         if self._tokenizer_task is None:
             self._model_spec = self._model_spec or info.model_spec or "embedded"
             self.start_tokenizer_load(info)
@@ -97,47 +90,77 @@ class BackendMonitor:
         log.info("sampling fields a request leaves unset come from %s", self._model.defaults.source)
         self._model.tokenizer = tokenizer
         self._model.info = info
-        log.info("serving %s (vocab %d, context %d) via worker at %s", info.model_id, info.vocab_size,
-                 info.max_model_len, self._worker.address)
+        if self._router is not None:
+            self._router.block_size = info.block_size or DEFAULT_BLOCK_SIZE
+        log.info("serving %s (vocab %d, context %d) via %d backend(s), first %s", info.model_id, info.vocab_size,
+                 info.max_model_len, len(self.pool), backend.name)
+
+    async def _check_backend(self, backend: Backend) -> None:
+        was_healthy = backend.healthy
+        await backend.check()
+        if backend.healthy and not was_healthy:
+            backend.info = None  # NOTE: a restarted worker may have come back changed; ask again
+            if self._router is not None:
+                self._router.affinity.forget(backend.name)  # NOTE: a restarted worker's KV cache is empty
+        if backend.healthy and backend.info is None:
+            try:
+                backend.info = await backend.client.info()
+            except Exception:  # noqa: BLE001 - asked again next round
+                log.exception("could not read backend %s's model description", backend.name)
+        self._check_model(backend)
+
+    def _check_model(self, backend: Backend) -> None:
+        ours, theirs = self._model.info, backend.info
+        if ours is None or theirs is None:
+            return
+        mismatch = None
+        if (theirs.model_id, theirs.vocab_size, theirs.max_model_len) != (ours.model_id, ours.vocab_size,
+                                                                         ours.max_model_len):
+            mismatch = (f"serves {theirs.model_id} (vocab {theirs.vocab_size}, context {theirs.max_model_len}), "
+                        f"not {ours.model_id} (vocab {ours.vocab_size}, context {ours.max_model_len})")
+        if mismatch != backend.mismatch and mismatch is not None:
+            log.error("backend %s %s: not routing to it", backend.name, mismatch)
+        backend.mismatch = mismatch
 
     async def check_once(self) -> bool:
-        worker_ok = await self._worker.healthy()
-        if worker_ok and not self._model.ready:
-            try:
-                await self._load_model()
-            except ModelLoadError:
-                raise  # NOTE: no tokenizer file will appear by waiting: retrying would only hide the cause
-            except Exception:  # noqa: BLE001 - retried next round; the health status says NOT_SERVING meanwhile
-                log.exception("could not load the model description from the worker")
-        sidecar_ok = await self._sidecar_ok()
-        if worker_ok:
-            try:
-                self._metrics.worker_stats.latest = await self._worker.stats(timeout=2.0)
-            except grpc.aio.AioRpcError:
-                pass
-        self._metrics.worker_up.set(1 if worker_ok else 0)
-        self._metrics.inflight.set(self._admission.inflight)
-        self._metrics.queued.set(self._admission.queued)
-        await self._set_offload(sidecar_ok)
-        serving = worker_ok and self._model.ready and self._worker.connected and not self._admission.draining
+        backends = list(self.pool)
+        await asyncio.gather(*(self._check_backend(b) for b in backends))
+        if not self._model.ready:
+            first = next((b for b in backends if b.healthy and b.info is not None), None)
+            if first is not None:
+                try:
+                    await self._load_model(first)
+                except ModelLoadError:
+                    raise  # NOTE: no tokenizer file will appear by waiting: retrying would only hide the cause
+                except Exception:  # noqa: BLE001 - retried next round; the health status says NOT_SERVING meanwhile
+                    log.exception("could not load the model description from the worker")
+                for b in backends:
+                    self._check_model(b)
+        await self.pool.reap()
+        self._export(backends)
+        await self._set_offload(backends)
+        serving = self._model.ready and any(b.routable for b in backends) and not self._admission.draining
         await self.set_serving(serving)
         return serving
 
-    def _worker_failed_over(self) -> bool:
-        """The worker runs gpu-only though it was started in a mode that offloads (its sidecar died and it has not
-        taken one back yet)."""
-        stats, info = self._metrics.worker_stats.latest, self._model.info
-        return stats is not None and info is not None and stats.mode != info.mode
+    def _export(self, backends: list[Backend]) -> None:
+        m = self._metrics
+        stats = [b.stats for b in backends if b.healthy and b.stats is not None]
+        m.worker_stats.latest = sum_stats(stats) if stats else None
+        m.worker_up.set(1 if any(b.healthy for b in backends) else 0)
+        m.inflight.set(self._admission.inflight)
+        m.queued.set(self._admission.queued)
 
-    async def _set_offload(self, sidecar_ok: bool) -> None:
-        """Metrics and the OFFLOAD_SERVICE health status say whether CPU offload works (degraded while not)."""
-        self._metrics.sidecar_up.set(1 if sidecar_ok else 0)
-        degraded = self._sidecar is not None and (not sidecar_ok or self._worker_failed_over())
+    async def _set_offload(self, backends: list[Backend]) -> None:
+        """Metrics and the OFFLOAD_SERVICE health status say whether CPU offload works (degraded while not, on any
+        backend)."""
+        self._metrics.sidecar_up.set(1 if all(b.sidecar_ok for b in backends) else 0)
+        degraded = any(b.degraded for b in backends)
         if degraded != self.degraded:
             log.warning("CPU offload %s", "unavailable: serving gpu-only (degraded)" if degraded else "is back")
         self.degraded = degraded
         self._metrics.degraded.set(1 if degraded else 0)
-        if self._sidecar is not None:
+        if any(b.spec.sidecar_address for b in backends):
             await self._health.set(OFFLOAD_SERVICE, NOT_SERVING if degraded else SERVING)
 
     async def set_serving(self, serving: bool) -> None:
@@ -164,3 +187,14 @@ class BackendMonitor:
             except Exception:  # noqa: BLE001 - the monitor must outlive any one failed check
                 log.exception("backend check failed")
             await asyncio.sleep(self._interval_s)
+
+
+def sum_stats(stats: list[worker_pb2.StatsResponse]) -> worker_pb2.StatsResponse:
+    """The backends' counters added up (the unlabelled metrics); `mode` is the first backend's."""
+    total = worker_pb2.StatsResponse()
+    for s in stats:
+        for field in worker_pb2.StatsResponse.DESCRIPTOR.fields:
+            if field.type != field.TYPE_STRING:
+                setattr(total, field.name, getattr(total, field.name) + getattr(s, field.name))
+    total.mode = stats[0].mode
+    return total

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from neoserve.config_fields import CliConfig, flag
@@ -21,6 +22,14 @@ class GatewayConfig(CliConfig):
     port: int = flag(50051, "public gRPC port (0: pick a free one, see --port-file)")
     worker_address: str = flag("127.0.0.1:50061", "worker gRPC target (HOST:PORT or unix:PATH)")
     sidecar_address: str | None = flag(None, "cpu_attn sidecar control target, checked for health (none: no sidecar)")
+    # NOTE: repeatable, so declared by add_cli_args below rather than with flag(...) (which makes single values).
+    backends: list[str] = field(default_factory=list)
+    backend_dns: str | None = flag(None, "NAME:PORT of a headless Service whose addresses are backends, resolved "
+                                         "every --discovery-interval-s (Kubernetes)")
+    discovery_interval_s: float = flag(5.0, "period of --backend-dns lookups")
+    routing: str = flag("load", "how a backend is chosen per request: load (scored by queued prefill, queue, KV, "
+                                "step time and prefix affinity) or round-robin", choices=("load", "round-robin"))
+    max_attempts: int = flag(3, "backends a request that has produced nothing yet is tried on before it fails")
     model: str | None = flag(None, "tokenizer source (default: whatever model the worker serves)")
     metrics_host: str = flag("127.0.0.1", "bind address of the Prometheus /metrics HTTP server")
     metrics_port: int = flag(9090, "Prometheus /metrics HTTP port (0: pick a free one; -1: disabled)")
@@ -46,7 +55,42 @@ class GatewayConfig(CliConfig):
     keepalive_timeout_s: float = flag(10.0, "close a connection whose keepalive ping is unanswered this long")
     log_prompts: bool = flag(False, "log prompt text (never logged otherwise)")
 
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, prefix: str = "") -> None:
+        super().add_cli_args(parser, prefix)
+        parser.add_argument(f"--{prefix}backend", dest=f"{prefix.replace('-', '_')}backends", action="append",
+                            default=[], metavar="WORKER[,sidecar=SIDECAR]",
+                            help="a backend's worker target, with its sidecar's control target for health "
+                                 "(repeatable; default: --worker-address with --sidecar-address)")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, prefix: str = ""):
+        config = super().from_cli_args(args, prefix)
+        config.backends = list(getattr(args, f"{prefix.replace('-', '_')}backends", []) or [])
+        config.__post_init__()
+        return config
+
+    def backend_specs(self):
+        """The static backends: --backend ones, else --worker-address (with --sidecar-address) unless DNS
+        discovery finds them all."""
+        from gateway.backend import BackendSpec
+
+        if self.backends:
+            return [BackendSpec.parse(text) for text in self.backends]
+        if self.backend_dns:
+            return []
+        return [BackendSpec(self.worker_address, self.sidecar_address)]
+
     def __post_init__(self) -> None:
+        self.backend_specs()  # NOTE: a malformed --backend is reported at start-up, naming the flag
+        if self.backend_dns:
+            from gateway.discovery import split_host_port
+
+            split_host_port(self.backend_dns)
+        if not self.discovery_interval_s > 0:
+            raise ValidationError("discovery_interval_s", f"must be positive, got {self.discovery_interval_s}")
+        if self.max_attempts < 1:
+            raise ValidationError("max_attempts", f"must be at least 1, got {self.max_attempts}")
         if not 0 <= self.port <= 65535:
             raise ValidationError("port", f"must be in [0, 65535], got {self.port}")
         for name in ("metrics_port", "http_port"):

@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway, served over HTTP in the text format.
 
 Latency histograms are observed on the request path; worker-side state (running/waiting, KV usage, requests on CPU,
-preemptions) comes from the worker's Stats RPC, polled by the backend monitor, and is exported as it was last seen.
+preemptions) comes from the workers' Stats RPC, polled by the backend monitor, and is exported as it was last seen:
+summed over the backends without labels, and per backend (`neoserve_backend_*{backend="ADDRESS"}`) with the
+router's own books (open requests, prefill tokens pending, step time, requests routed and retried away).
 Each Gateway owns its registry so several can live in one process (tests).
 """
 
@@ -46,6 +48,46 @@ class _WorkerStatsCollector:
                                   value=s.num_preemptions)
 
 
+class _BackendCollector:
+    """Per-backend samples (label `backend`: the worker's address) of the pool, read at scrape time."""
+
+    def __init__(self, backends) -> None:
+        self._backends = backends  # () -> the backends to export
+
+    def collect(self):
+        families = {
+            "up": GaugeMetricFamily("neoserve_backend_up", "1 while the backend takes new requests", labels=["backend"]),
+            "inflight": GaugeMetricFamily("neoserve_backend_requests_inflight",
+                                          "Requests this gateway has open on the backend", labels=["backend"]),
+            "prefill": GaugeMetricFamily("neoserve_backend_prefill_tokens", "Prompt tokens sent to the backend "
+                                         "whose first token has not come back", labels=["backend"]),
+            "running": GaugeMetricFamily("neoserve_backend_requests_running", "Requests the backend's engine runs",
+                                         labels=["backend"]),
+            "waiting": GaugeMetricFamily("neoserve_backend_requests_waiting", "Requests waiting in the backend's "
+                                         "scheduler", labels=["backend"]),
+            "kv": GaugeMetricFamily("neoserve_backend_kv_usage_ratio", "KV in use (device tier, blended with the "
+                                    "host tier where there is one)", labels=["backend"]),
+            "step": GaugeMetricFamily("neoserve_backend_step_seconds", "Recent engine step time", labels=["backend"]),
+            "routed": CounterMetricFamily("neoserve_backend_requests_routed", "Requests routed to the backend",
+                                          labels=["backend"]),
+            "retried": CounterMetricFamily("neoserve_backend_requests_retried_away", "Requests that failed on the "
+                                           "backend before their first token and were sent to another",
+                                           labels=["backend"]),
+            "affinity": CounterMetricFamily("neoserve_backend_prefix_affinity_hits", "Requests routed to the "
+                                            "backend that shared leading blocks with one it was sent before",
+                                            labels=["backend"]),
+        }
+        for b in self._backends():
+            s = b.stats
+            values = {"up": int(b.routable), "inflight": b.inflight, "prefill": b.prefill_tokens,
+                      "running": s.num_running if s else 0, "waiting": s.num_waiting if s else 0,
+                      "kv": b.kv_usage(), "step": b.step.seconds or 0.0, "routed": b.routed,
+                      "retried": b.retried_away, "affinity": b.affinity_hits}
+            for key, family in families.items():
+                family.add_metric([b.name], values[key])
+        yield from families.values()
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -76,6 +118,10 @@ class GatewayMetrics:
         self.worker_stats = _WorkerStatsCollector()
         r.register(self.worker_stats)
         self._http = None
+
+    def watch_backends(self, backends) -> None:
+        """Exports per-backend metrics of `backends()` (the pool's current and draining backends)."""
+        self.registry.register(_BackendCollector(backends))
 
     def serve_http(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""

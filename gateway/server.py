@@ -1,5 +1,6 @@
 """Assembles the gateway process: public gRPC server (inference, health, reflection), the optional OpenAI HTTP
-endpoint (same request path, see gateway/generation.py), worker link, metrics, drain."""
+endpoint (same request path, see gateway/generation.py), the backends and the router between them, metrics,
+drain."""
 
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
 from gateway.admission import Admission
 from gateway.auth import ApiKeyInterceptor
 from gateway.decode_guard import DecodeErrorInterceptor
+from gateway.backend_pool import BackendPool
 from gateway.backends import NOT_SERVING, PUBLIC_SERVICE, BackendMonitor
 from gateway.config import GatewayConfig
 from gateway.generation import GenerationService, ModelState
 from gateway.metrics import GatewayMetrics
 from gateway.openai_http import OpenAIServer
 from gateway.servicer import InferenceServicer
+from gateway.discovery import DnsDiscovery
+from gateway.router import Router
 from gateway.status import DrainingError
-from gateway.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +81,16 @@ class Gateway:
         self.config = config
         self.metrics = GatewayMetrics()
         self.admission = Admission(config.max_inflight, config.max_queued, config.retry_after_s)
-        self.worker = WorkerClient(config.worker_address)
+        static = config.backend_specs()
+        self.pool = BackendPool(static)
+        self.router = Router(self.pool, policy=config.routing, max_attempts=config.max_attempts)
+        self.discovery = (DnsDiscovery(config.backend_dns, self.pool, interval_s=config.discovery_interval_s,
+                                       static={spec.address for spec in static}) if config.backend_dns else None)
+        self.metrics.watch_backends(self.pool.all)
         self.model = ModelState()
         self.health = health.aio.HealthServicer()
         self.monitor = BackendMonitor(
-            worker=self.worker, sidecar_address=config.sidecar_address, model=self.model, model_spec=config.model,
+            pool=self.pool, router=self.router, model=self.model, model_spec=config.model,
             health_servicer=self.health, metrics=self.metrics, admission=self.admission,
             interval_s=config.health_interval_s,
         )
@@ -90,7 +98,8 @@ class Gateway:
         interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
         interceptors.append(DecodeErrorInterceptor())
         self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
-        self.service = GenerationService(self.model, self.worker, self.admission, self.metrics,
+        # NOTE: the router stands in for one worker link (same generate/cut_all), whatever the number of backends.
+        self.service = GenerationService(self.model, self.router, self.admission, self.metrics,
                                          log_prompts=config.log_prompts)
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service), self.server)
         self.http: OpenAIServer | None = None
@@ -107,6 +116,7 @@ class Gateway:
         self.metrics_port: int | None = None
         self.http_port: int | None = None
         self._monitor_task: asyncio.Task | None = None
+        self._discovery_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -123,7 +133,10 @@ class Gateway:
                                                    http_ssl_context(self.config))
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
-        self.worker.start()
+        self.pool.start()
+        if self.discovery is not None:
+            await self.discovery.refresh()  # NOTE: the first backends before the first health round
+            self._discovery_task = asyncio.get_running_loop().create_task(self.discovery.run(), name="discovery")
         self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run(), name="backend-monitor")
         self._monitor_task.add_done_callback(self._on_monitor_done)
         if self.config.port_file:
@@ -145,23 +158,23 @@ class Gateway:
             return
         log.info("draining: %d requests in flight", self.admission.inflight)
         self.admission.start_draining()
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor_task
+        for task in (self._monitor_task, self._discovery_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.monitor.set_serving(False)
         if not await self.admission.wait_idle(self.config.drain_timeout_s):
             log.warning("drain timeout: cutting %d streams", self.admission.inflight)
             # NOTE: each cut request ends through its own transport's error path, so its client is told why:
             # gRPC UNAVAILABLE with this message, HTTP a 503 or (mid-stream) an error event and [DONE].
-            self.worker.cut_all(DrainingError(
+            self.router.cut_all(DrainingError(
                 f"the server is shutting down: this request was still running when the drain timeout "
                 f"({self.config.drain_timeout_s:g} s) ended; retry it on another server"))
             await self.admission.wait_idle(CUT_GRACE_S)
         if self.http is not None:
             await self.http.stop()
         await self.server.stop(grace=1.0)
-        await self.worker.close()
         await self.monitor.close()
         self.metrics.close()
         self._stopped.set()
