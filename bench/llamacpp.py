@@ -5,7 +5,7 @@
     python bench/llamacpp.py serve [--port 8090]        # llama-server on loopback until Ctrl-C
 
 The build comes from the llama-cpp-python 0.3.36 sdist (`pip download`, the only download), whose `vendor/llama.cpp`
-is built with portable AVX-512 flags into a cache folder outside the repository: `$NEOSERVE_LLAMACPP_DIR`, default
+is built with portable flags (AVX-512 where the CPU has it) into a cache folder outside the repository: `$NEOSERVE_LLAMACPP_DIR`, default
 `~/.cache/neoserve/llama.cpp-0.3.36/`. Nothing built is committed. The same sdist carries the ctypes bindings of that
 exact llama.cpp (`llama_cpp/llama_cpp.py`), which `LlamaLogits` uses with the built shared library.
 """
@@ -35,10 +35,25 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{VERSION}"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# NOTE: portable flags (no -march=native), with AVX-512 on only where this CPU has it (an AMD EPYC VM we run on has
+# AVX2 only, and an AVX-512 build dies there with SIGILL) and AMX always off: the Intel development VM advertises
+# AMX but faults on it. The flags are part of the build stamp, so a cache moved to another kind of CPU rebuilds.
+_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
 CMAKE_FLAGS = (
-    # NOTE: portable flags (no -march=native) with AVX-512 on and AMX off: the development VM advertises AMX but
-    # faults on it, and a native build would differ from machine to machine.
-    "-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+    "-DGGML_NATIVE=OFF", f"-DGGML_AVX512={'ON' if _AVX512 else 'OFF'}", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
     "-DCMAKE_BUILD_TYPE=Release",
     # NOTE: shared libraries so that libllama.so exists for the ctypes bindings (logits for the accuracy bench).
     "-DBUILD_SHARED_LIBS=ON",

@@ -51,22 +51,21 @@ def test_q8_reproduces_the_files_q8_0_blocks_exactly(gguf_tensors):
     assert torch.equal(quant.dequantize(w), torch.from_numpy(dense))
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 @pytest.mark.parametrize("n,k,m", [(1, 32, 1), (960, 576, 1), (577, 1536, 3), (64, 544, 4), (33, 64, 9)])
-def test_kernels_match_float64_products(kind, portable, n, k, m):
-    """Every row tile (1-4 and remainders), a group count that is not a multiple of 16, and both code paths."""
-    if not portable and not qgemm.set_force_portable(False):
-        pytest.skip("this CPU has no AVX-512: only the portable loops run here")
+def test_kernels_match_float64_products(kind, isa, n, k, m):
+    """Every row tile (1-4 and remainders), a group count that is not a multiple of 16, and every code path."""
     gen = torch.Generator().manual_seed(n * k + m)
     w = quant.quantize(torch.randn(n, k, generator=gen), kind)
     x = torch.randn(m, k, generator=gen)
     ref = x.double() @ quant.dequantize(w).double().t()  # [m, n]
-    qgemm.set_force_portable(portable)
+    if not qgemm.set_isa(isa):
+        pytest.skip(f"this CPU has no {isa}: that path cannot run here (the others are tested)")
     try:
         y = quant.linear(x, w)
     finally:
-        qgemm.set_force_portable(False)
+        qgemm.set_isa("auto")
     assert y.shape == (m, n) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 

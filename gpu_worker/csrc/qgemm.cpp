@@ -208,6 +208,139 @@ NEOSERVE_AVX512 void q8_rows_avx512(const float* x, int64_t M, int64_t K, const 
     }
 }
 
+// ---- AVX2 loops (x86-64 CPUs without AVX-512, e.g. AMD Zen 2/3) --------------------------------------------
+// The same arithmetic as the AVX-512 loops, 8 lanes wide: a group of 32 weights is four 8-lane vectors.
+
+#define NEOSERVE_AVX2 __attribute__((target("avx2,f16c,fma")))
+
+NEOSERVE_AVX2 inline float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// n fp16 values as fp32 into out (8 at a time with vcvtph2ps).
+NEOSERVE_AVX2 inline void halves_to_floats(const uint16_t* p, int64_t n, float* out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+    for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
+}
+
+// NOTE: a row's scales are converted once into a stack buffer and broadcast from memory per group (a load-port
+// op), so the vector ALUs only unpack weights and multiply; rows wider than kMaxGroups groups take the portable
+// loops (no Llama we serve comes near: an 8B model's widest input is 14336 = 448 groups).
+constexpr int64_t kMaxGroups = 512;
+
+// One output row against rows [m0, m0 + MT) of x: per group of 32 weights, unpack into four 8-lane vectors
+// (9 ops), then per row of x one multiply and four FMAs.
+template <int MT>
+NEOSERVE_AVX2 inline void q4_row_tile_avx2(const float* x, const float* xsum, int64_t K, const uint8_t* qr,
+                                           const float* d, const float* m, float* y, int64_t N, int64_t n,
+                                           int64_t m0) {
+    const int64_t G = K / kGroup;
+    __m256 acc[2][MT];  // even and odd groups: two independent FMA chains per row (see q4_row_tile)
+    for (int t = 0; t < MT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+    const __m128i nib = _mm_set1_epi8(0xf);
+    for (int64_t g = 0; g < G; g++) {
+        _mm_prefetch((const char*)(qr + g * 16) + kPrefetchBytes, _MM_HINT_T0);
+        const __m128i b = _mm_loadu_si128((const __m128i*)(qr + g * 16));  // 32 nibbles
+        const __m128i lo = _mm_and_si128(b, nib);                  // elements 0-15
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);  // elements 16-31
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
+        const __m256 dv = _mm256_broadcast_ss(d + g);
+        for (int t = 0; t < MT; t++) {
+            const float* xg = x + (m0 + t) * K + g * kGroup;
+            __m256 part = _mm256_mul_ps(w0, _mm256_loadu_ps(xg));
+            part = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), part);
+            part = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), part);
+            part = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), part);
+            acc[g & 1][t] = _mm256_fmadd_ps(part, dv, acc[g & 1][t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) {
+        // the offsets' term: sum_g m_g * sum(x_g), 8 groups a vector
+        const float* xs = xsum + (m0 + t) * G;
+        __m256 o = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 8 <= G; g += 8) o = _mm256_fmadd_ps(_mm256_loadu_ps(m + g), _mm256_loadu_ps(xs + g), o);
+        float tail = 0.f;
+        for (; g < G; g++) tail += m[g] * xs[g];
+        y[(m0 + t) * N + n] = hsum8(_mm256_add_ps(acc[0][t], acc[1][t])) + hsum8(o) + tail;
+    }
+}
+
+NEOSERVE_AVX2 void q4_rows_avx2(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* q,
+                                const uint16_t* dm, float* y, int64_t N, int64_t n0, int64_t n1) {
+    const int64_t G = K / kGroup;
+    float d[kMaxGroups], m[kMaxGroups];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* qr = q + n * (K / 2);
+        halves_to_floats(dm + n * G * 2, G, d);
+        halves_to_floats(dm + n * G * 2 + G, G, m);
+        int64_t m0 = 0;
+        for (; m0 + kRowTile <= M; m0 += kRowTile) q4_row_tile_avx2<kRowTile>(x, xsum, K, qr, d, m, y, N, n, m0);
+        switch (M - m0) {
+            case 3: q4_row_tile_avx2<3>(x, xsum, K, qr, d, m, y, N, n, m0); break;
+            case 2: q4_row_tile_avx2<2>(x, xsum, K, qr, d, m, y, N, n, m0); break;
+            case 1: q4_row_tile_avx2<1>(x, xsum, K, qr, d, m, y, N, n, m0); break;
+            default: break;
+        }
+    }
+}
+
+template <int MT>
+NEOSERVE_AVX2 inline void q8_row_tile_avx2(const float* x, int64_t K, const int8_t* qr, const float* d, float* y,
+                                           int64_t N, int64_t n, int64_t m0) {
+    const int64_t G = K / kGroup;
+    __m256 acc[2][MT];  // even and odd groups (see q4_row_tile)
+    for (int t = 0; t < MT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t* src = qr + g * kGroup;
+        _mm_prefetch((const char*)src + kPrefetchBytes, _MM_HINT_T0);
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)src)));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(src + 8))));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(src + 16))));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(src + 24))));
+        const __m256 dv = _mm256_broadcast_ss(d + g);
+        for (int t = 0; t < MT; t++) {
+            const float* xg = x + (m0 + t) * K + g * kGroup;
+            __m256 part = _mm256_mul_ps(w0, _mm256_loadu_ps(xg));
+            part = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), part);
+            part = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), part);
+            part = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), part);
+            acc[g & 1][t] = _mm256_fmadd_ps(part, dv, acc[g & 1][t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) y[(m0 + t) * N + n] = hsum8(_mm256_add_ps(acc[0][t], acc[1][t]));
+}
+
+NEOSERVE_AVX2 void q8_rows_avx2(const float* x, int64_t M, int64_t K, const int8_t* q, const uint16_t* dq, float* y,
+                                int64_t N, int64_t n0, int64_t n1) {
+    const int64_t G = K / kGroup;
+    float d[kMaxGroups];
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t* qr = q + n * K;
+        halves_to_floats(dq + n * G, G, d);
+        int64_t m0 = 0;
+        for (; m0 + kRowTile <= M; m0 += kRowTile) q8_row_tile_avx2<kRowTile>(x, K, qr, d, y, N, n, m0);
+        switch (M - m0) {
+            case 3: q8_row_tile_avx2<3>(x, K, qr, d, y, N, n, m0); break;
+            case 2: q8_row_tile_avx2<2>(x, K, qr, d, y, N, n, m0); break;
+            case 1: q8_row_tile_avx2<1>(x, K, qr, d, y, N, n, m0); break;
+            default: break;
+        }
+    }
+}
+
+bool has_avx2() {
+    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                           __builtin_cpu_supports("fma");
+    return ok;
+}
+
 bool has_avx512() {
     static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") &&
@@ -215,7 +348,19 @@ bool has_avx512() {
     return ok;
 }
 
-bool g_force_portable = false;
+enum class Isa { kAuto, kAvx512, kAvx2, kPortable };
+
+Isa g_forced_isa = Isa::kAuto;  // tests pin one code path to check it against float64 products
+
+bool isa_available(Isa isa) {
+    return isa == Isa::kAvx512 ? has_avx512() : isa == Isa::kAvx2 ? has_avx2() : true;
+}
+
+Isa pick_isa(int64_t groups) {
+    Isa isa = g_forced_isa;
+    if (isa == Isa::kAuto) isa = has_avx512() ? Isa::kAvx512 : has_avx2() ? Isa::kAvx2 : Isa::kPortable;
+    return isa == Isa::kAvx2 && groups > kMaxGroups ? Isa::kPortable : isa;
+}
 
 // ---- ops ------------------------------------------------------------------------------------------------------
 
@@ -253,10 +398,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     const uint8_t* qp = q.data_ptr<uint8_t>();
     const uint16_t* dp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
     float* yp = y.data_ptr<float>();
-    const bool avx = has_avx512() && !g_force_portable;
+    const Isa isa = pick_isa(G);
     at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
-        if (avx) q4_rows_avx512(xp, sp, M, K, qp, dp, yp, N, n0, n1);
-        else q4_rows_portable(xp, sp, M, K, qp, dp, yp, N, n0, n1);
+        switch (isa) {
+            case Isa::kAvx512: q4_rows_avx512(xp, sp, M, K, qp, dp, yp, N, n0, n1); break;
+            case Isa::kAvx2: q4_rows_avx2(xp, sp, M, K, qp, dp, yp, N, n0, n1); break;
+            case Isa::kAuto:  // never: pick_isa resolves it
+            case Isa::kPortable: q4_rows_portable(xp, sp, M, K, qp, dp, yp, N, n0, n1); break;
+        }
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -277,17 +426,28 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     const int8_t* qp = q.data_ptr<int8_t>();
     const uint16_t* dp = reinterpret_cast<const uint16_t*>(dq.data_ptr<at::Half>());
     float* yp = y.data_ptr<float>();
-    const bool avx = has_avx512() && !g_force_portable;
+    const Isa isa = pick_isa(G);
     at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
-        if (avx) q8_rows_avx512(xp, M, K, qp, dp, yp, N, n0, n1);
-        else q8_rows_portable(xp, M, K, qp, dp, yp, N, n0, n1);
+        switch (isa) {
+            case Isa::kAvx512: q8_rows_avx512(xp, M, K, qp, dp, yp, N, n0, n1); break;
+            case Isa::kAvx2: q8_rows_avx2(xp, M, K, qp, dp, yp, N, n0, n1); break;
+            case Isa::kAuto:  // never: pick_isa resolves it
+            case Isa::kPortable: q8_rows_portable(xp, M, K, qp, dp, yp, N, n0, n1); break;
+        }
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-bool set_force_portable(bool on) {
-    g_force_portable = on;
-    return has_avx512();
+// Pins the code path ("auto", "avx512", "avx2", "portable"); false (and nothing changes) where this CPU lacks it.
+bool set_isa(const char* name) {
+    const Isa isa = !std::strcmp(name, "avx512") ? Isa::kAvx512
+                    : !std::strcmp(name, "avx2") ? Isa::kAvx2
+                    : !std::strcmp(name, "portable") ? Isa::kPortable
+                                                     : Isa::kAuto;
+    if (isa == Isa::kAuto && std::strcmp(name, "auto")) return false;
+    if (!isa_available(isa)) return false;
+    g_forced_isa = isa;
+    return true;
 }
 
 }  // namespace
@@ -303,18 +463,18 @@ TORCH_LIBRARY_IMPL(neoserve, CPU, m) {
 }
 
 // A plain CPython module so that `import gpu_worker._qgemm` loads the library (and registers the ops), plus the
-// switch the tests use to check the portable loops against the AVX-512 ones.
+// switch the tests use to check each code path (AVX-512, AVX2, portable) on its own.
 #include <Python.h>
 
-static PyObject* py_set_force_portable(PyObject*, PyObject* arg) {
-    int on = PyObject_IsTrue(arg);
-    if (on < 0) return nullptr;
-    return PyBool_FromLong(set_force_portable(on != 0));
+static PyObject* py_set_isa(PyObject*, PyObject* arg) {
+    const char* name = PyUnicode_AsUTF8(arg);
+    if (!name) return nullptr;
+    return PyBool_FromLong(set_isa(name));
 }
 
 static PyMethodDef kMethods[] = {
-    {"set_force_portable", py_set_force_portable, METH_O,
-     "Run the portable loops instead of AVX-512 (tests); returns whether AVX-512 is available."},
+    {"set_isa", py_set_isa, METH_O,
+     "Pin the code path: 'auto', 'avx512', 'avx2' or 'portable' (tests); False where this CPU lacks it."},
     {nullptr, nullptr, 0, nullptr},
 };
 
