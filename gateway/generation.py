@@ -70,6 +70,7 @@ class Finished:
     completion_tokens: int
     stop_string: str | None = None
     stop_token_id: int | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the worker's prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -164,7 +165,7 @@ class GenerationService:
                         if step.text:
                             yield TextDelta(step.text, new_ids, logprobs)
                         yield self._finished("stop", num_prompt, d.num_output_tokens, arrival,
-                                             stop_string=step.stop_string)
+                                             stop_string=step.stop_string, cached_tokens=d.num_cached_tokens)
                         return
                     text = step.text
                     if d.finished:
@@ -177,15 +178,17 @@ class GenerationService:
                             raise RuntimeError(f"worker ended the request with finish reason {d.finish_reason}")
                         stop_token = d.stop_token_id if d.HasField("stop_token_id") else None
                         yield self._finished(reason, num_prompt, d.num_output_tokens, arrival,
-                                             stop_token_id=stop_token)
+                                             stop_token_id=stop_token, cached_tokens=d.num_cached_tokens)
                         return
             raise RuntimeError("the worker stream ended without a finished delta")
 
     def _finished(self, reason: str, num_prompt: int, num_output: int, arrival: float, *,
-                  stop_string: str | None = None, stop_token_id: int | None = None) -> Finished:
+                  stop_string: str | None = None, stop_token_id: int | None = None,
+                  cached_tokens: int = 0) -> Finished:
         self._metrics.finished.labels(reason).inc()
         self._metrics.e2e.observe(time.perf_counter() - arrival)
-        return Finished(reason, num_prompt, num_output, stop_string=stop_string, stop_token_id=stop_token_id)
+        return Finished(reason, num_prompt, num_output, stop_string=stop_string, stop_token_id=stop_token_id,
+                        cached_tokens=cached_tokens)
 
 
 def _logprobs(d: worker_pb2.RequestDelta) -> list[TokenLogprob]:

@@ -3,8 +3,8 @@
 Parsing turns the JSON body of /v1/completions or /v1/chat/completions into a `PreparedRequest` with the same
 checks the gRPC path runs (SamplingParams, gateway/requests.py), naming fields as the OpenAI API does: a bad field
 is a 400 whose `param` is the client's own field name. Sampling fields map one to one; vLLM's extras (top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output) are
-accepted at the top level of the body, as vLLM accepts them. Unknown fields are ignored, as vLLM does (SDKs send
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output,
+cache_salt) and skip_prefix_cache are accepted at the top level of the body, as vLLM accepts them. Unknown fields are ignored, as vLLM does (SDKs send
 fields such as `user` that change nothing here); a known field this server does not implement is refused with a
 400 naming it, unless it carries its neutral value (n=1, echo=false, ...).
 
@@ -44,7 +44,8 @@ MIN_LOGPROB = -9999.0
 
 # Body field -> SamplingParams field, for fields that need no conversion.
 _SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
-                    "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
+                    "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "cache_salt",
+                    "skip_prefix_cache")
 
 # Fields of the OpenAI API this server does not implement -> the values that mean "not used".
 _UNSUPPORTED = {
@@ -291,7 +292,7 @@ def _param_names(names: dict[str, str]) -> Iterator[None]:
 
 def usage(fin: Finished) -> dict[str, int]:
     return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.total_tokens}
+            "total_tokens": fin.total_tokens, "prompt_tokens_details": {"cached_tokens": fin.cached_tokens}}
 
 
 class ResponseFormat:

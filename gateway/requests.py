@@ -17,7 +17,7 @@ from neoserve.v1 import inference_service_pb2 as pb
 
 # Optional proto fields (and SamplingParams fields of the same name): unset ones get the model's defaults.
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "seed", "logprobs")
+                    "frequency_penalty", "seed", "logprobs", "cache_salt")
 MAX_CHAT_MESSAGES = 1024
 MAX_PROMPT_CHARS = 4_000_000  # NOTE: bounds tokenizer work per request long before max_model_len is checked
 
@@ -44,6 +44,7 @@ def sampling_params_from_proto(sp: pb.SamplingParameters,
     kwargs["stop_token_ids"] = list(sp.stop_token_ids)
     kwargs["ignore_eos"] = sp.ignore_eos
     kwargs["min_tokens"] = sp.min_tokens
+    kwargs["skip_prefix_cache"] = sp.skip_prefix_cache
     params = resolve(kwargs, defaults)
     skip_special = sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True
     return params, skip_special
@@ -109,8 +110,10 @@ def worker_params(params: SamplingParams) -> worker_pb2.SamplingParams:
         max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
         min_p=params.min_p, repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, stop_token_ids=params.stop_token_ids,
-        ignore_eos=params.ignore_eos, min_tokens=params.min_tokens,
+        ignore_eos=params.ignore_eos, min_tokens=params.min_tokens, skip_prefix_cache=params.skip_prefix_cache,
     )
+    if params.cache_salt is not None:
+        out.cache_salt = params.cache_salt
     if params.seed is not None:
         out.seed = params.seed
     if params.logprobs is not None:

@@ -90,7 +90,7 @@ def _complete(event: Finished) -> pb.GenerateComplete:
     complete = pb.GenerateComplete(
         finish_reason=_FINISH[event.finish_reason],
         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                       total_tokens=event.total_tokens),
+                       total_tokens=event.total_tokens, cached_tokens=event.cached_tokens),
         stop_string=event.stop_string or "",
     )
     if event.stop_token_id is not None:

@@ -53,6 +53,9 @@ class EngineConfig(CliConfig):
     cuda_graphs: bool = flag(False, "replay each layer's projections and MLP for decode-only batches from CUDA "
                                     "graphs (attention stays eager); on the cpu it runs the same buffers eagerly")
     cuda_graph_max_batch: int = flag(128, "largest decode batch with graphs (bigger ones run eagerly)")
+    enable_prefix_caching: bool = flag(True, "keep the KV of full prompt blocks after a request ends and reuse it "
+                                             "for later requests that start with the same tokens (same model and "
+                                             "cache_salt); evicted least recently used")
     threads: int | None = flag(None, "torch threads of the worker (default: torch's choice)")
     seed: int = flag(0, "seed of the sampler for requests without a seed")
 

@@ -11,6 +11,7 @@ from gpu_worker.block_manager import BlockManager, CpuKVBudget
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.pipeline_planner import PipelinePlanner
+from gpu_worker.prefix_cache import PrefixCache
 from gpu_worker.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gpu_worker.sequence import KVLocation, Sequence, SequenceStatus
 from neoserve.errors import BackendUnavailableError, ValidationError
@@ -37,6 +38,11 @@ class EngineStats:
     num_cpu_decodes: int  # decode tokens whose attention ran in the sidecar, since start
     num_decodes: int  # all decode tokens, since start
     mode: str
+    # The device prefix cache (all 0 with --no-enable-prefix-caching); token counters since start.
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_blocks: int = 0  # device blocks holding cached content (referenced or not)
+    prefix_cache_evictions: int = 0  # cached device blocks given to other content
 
 
 class LLMEngine:
@@ -45,7 +51,8 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size)
+        prefix_cache = PrefixCache(self.model_key(), config.block_size) if config.enable_prefix_caching else None
+        self.block_manager = BlockManager(self.runner.num_gpu_blocks, config.block_size, prefix_cache)
         self.sidecar = None
         self.cpu_budget = None
         self.cpu_block_bytes = 0
@@ -68,6 +75,12 @@ class LLMEngine:
         self.num_pipelined_steps = 0
         self.num_cpu_decodes = 0
         self.num_decodes = 0
+
+    def model_key(self) -> str:
+        """What, besides the tokens, decides a KV block's content here: the model and the numerics of its KV (the
+        root of every prefix-cache key)."""
+        mc = self.model_config
+        return f"{self.config.model or 'embedded'}|{mc.name}|{mc.architecture}|{self.runner.formats.describe()}"
 
     # --- the CPU side (NEO) ---------------------------------------------------------------------------------------
     def sidecar_shape(self):
@@ -221,6 +234,8 @@ class LLMEngine:
     def _postprocess(self, sched: SchedulerOutput, sampled) -> list[RequestOutput]:
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
+            # NOTE: before the stop checks below free a finished sequence: its blocks are parked cached, not freed.
+            self.block_manager.cache_computed_blocks(s.seq)
         outputs = []
         for item in sampled:
             seq = item.seq
@@ -258,7 +273,8 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids), new_logprobs=new_lps, finished=finished,
-            finish_reason=seq.finish_reason, stop_token_id=seq.stop_token_id, error=error)
+            finish_reason=seq.finish_reason, stop_token_id=seq.stop_token_id, error=error,
+            num_cached_tokens=seq.num_cached_tokens or 0)
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
         seq.finish_reason = reason
@@ -286,4 +302,17 @@ class LLMEngine:
             num_cpu_decodes=self.num_cpu_decodes,
             num_decodes=self.num_decodes,
             mode=self.scheduler.config.mode,
+            **self._prefix_cache_stats(),
         )
+
+    def _prefix_cache_stats(self) -> dict[str, int]:
+        cache = self.block_manager.prefix_cache
+        if cache is None:
+            return {}
+        return dict(prefix_cache_queried_tokens=cache.stats.queried_tokens,
+                    prefix_cache_hit_tokens=cache.stats.hit_tokens, prefix_cache_blocks=cache.num_cached_blocks,
+                    prefix_cache_evictions=cache.stats.evicted_blocks)
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached block no request is using (benchmarks: cold starts); returns how many."""
+        return self.block_manager.reset_prefix_cache()

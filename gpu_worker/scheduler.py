@@ -166,11 +166,16 @@ class Scheduler:
                 out.failed.append((seq, f"needs {seq.num_tokens + 1} tokens of KV; the GPU cache holds "
                                         f"{bm.num_blocks * bm.block_size}"))
                 continue
+            # NOTE: the cached prefix is attached first, so that the checks below see only the blocks and tokens
+            # still to compute (the token budget counts computed tokens, not cached ones).
+            cached = bm.attach_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not bm.can_allocate(seq, seq.num_computed_tokens + n):
                 if self.config.mode == "gpu-only" or not self._swap_out_for(seq, seq.num_computed_tokens + n, out):
+                    bm.detach(seq)
                     break
             self.waiting.popleft()
+            self._record_prefix_hit(seq, cached)
             bm.allocate(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             seq.location = KVLocation.GPU
@@ -189,6 +194,13 @@ class Scheduler:
                 sum(s.num_new_tokens for s in out.decodes + out.prefills), sum(s.seq.num_tokens for s in out.decodes),
                 decode_only=not out.prefills)
         return out
+
+    def _record_prefix_hit(self, seq: Sequence, cached: int) -> None:
+        cache = self.block_manager.prefix_cache
+        if seq.num_cached_tokens is None:  # the first admission: what usage reports
+            seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
+        if cache is not None and cache.uses_cache(seq):
+            cache.record(seq.num_tokens, cached)
 
     # --- placement ----------------------------------------------------------------------------------------------------
     def _reserve_cpu(self, seq: Sequence, out: SchedulerOutput) -> bool:
@@ -296,6 +308,9 @@ class Scheduler:
             if bm.num_free_blocks - need < reserve + gpu_growth:
                 break
             bm.allocate(seq, seq.num_tokens)
+            # NOTE: its KV comes back from the sidecar, whose storage dtype may round it: such blocks stay private
+            # (blocks it fills on the GPU from here on are cached as usual).
+            bm.skip_caching(seq)
             self.cpu_budget.free(seq)
             seq.location = KVLocation.GPU
             out.swap_in.append(seq)

@@ -39,6 +39,11 @@ class Sequence:
     # Tokens whose K/V are in the cache. The newest sampled token is not computed until the next step.
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)  # GPU block ids, owned by the BlockManager
+    # Prefix caching (gpu_worker/prefix_cache.py): content keys of the full blocks of the tokens known so far, and
+    # how many leading entries of block_table the cache has seen (cached, or left private on purpose).
+    block_keys: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at its first admission (usage)
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     generator: Any = None  # torch.Generator of a seeded request (made by the runner; opaque here)

@@ -73,13 +73,14 @@ def params_from_proto(p: worker_pb2.SamplingParams) -> SamplingParams:
         frequency_penalty=p.frequency_penalty, seed=p.seed if p.HasField("seed") else None,
         stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
         logprobs=p.logprobs if p.HasField("logprobs") else None,
+        cache_salt=p.cache_salt if p.HasField("cache_salt") else None, skip_prefix_cache=p.skip_prefix_cache,
     )
 
 
 def delta_from_output(out: RequestOutput) -> worker_pb2.RequestDelta:
     d = worker_pb2.RequestDelta(request_id=out.request_id, new_token_ids=out.new_token_ids,
                                 num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
-                                finished=out.finished)
+                                finished=out.finished, num_cached_tokens=out.num_cached_tokens)
     if out.new_logprobs:
         for lp in out.new_logprobs:
             d.logprobs.append(worker_pb2.TokenLogprob(
@@ -188,7 +189,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             num_preemptions=s.num_preemptions, num_open_requests=len(self._open), num_streams=self._num_streams,
             num_swap_outs=s.num_swap_outs, num_swap_ins=s.num_swap_ins, num_steps=s.num_steps,
             num_pipelined_steps=s.num_pipelined_steps, num_cpu_decodes=s.num_cpu_decodes, num_decodes=s.num_decodes,
-            mode=s.mode,
+            mode=s.mode, prefix_caching=self._config.enable_prefix_caching,
+            prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, prefix_cache_blocks=s.prefix_cache_blocks,
+            prefix_cache_evictions=s.prefix_cache_evictions,
         )
 
 

@@ -33,3 +33,4 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None  # the token that stopped it, if any (not part of new_token_ids' text)
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (usage: cached_tokens)

@@ -18,6 +18,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = 2**63 - 1
+MAX_CACHE_SALT_CHARS = 1024
 MAX_INT32 = 2**31 - 1  # NOTE: the public gRPC API carries these counts as int32; JSON integers have no bound
 
 
@@ -65,6 +66,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    # Prefix caching: requests share cached KV only when their salts are equal (isolates tenants, as vLLM's
+    # cache_salt); skip_prefix_cache neither reads nor adds to the cache.
+    cache_salt: str | None = None
+    skip_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         _count("max_tokens", self.max_tokens, 1)
@@ -111,6 +116,18 @@ class SamplingParams:
         _count("min_tokens", self.min_tokens, 0, self.max_tokens, what=" (at most max_tokens)")
         if self.logprobs is not None:
             _count("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.cache_salt is not None:
+            if not isinstance(self.cache_salt, str):
+                raise ValidationError("cache_salt", f"must be a string, got {type(self.cache_salt).__name__}")
+            if not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
+                raise ValidationError("cache_salt", f"must be 1 to {MAX_CACHE_SALT_CHARS} characters (leave it out "
+                                                    "for no salt)")
+            try:
+                self.cache_salt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValidationError("cache_salt", "must be valid Unicode text (it has a lone surrogate)") from None
+        if not isinstance(self.skip_prefix_cache, bool):
+            raise ValidationError("skip_prefix_cache", "must be a boolean")
 
     @property
     def greedy(self) -> bool:

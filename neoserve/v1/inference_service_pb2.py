@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#neoserve/v1/inference_service.proto\x12\x0bneoserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.neoserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xaa\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\x05\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xc9\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.neoserve.v1.ChatH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.neoserve.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.neoserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.neoserve.v1.TopLogprob\"]\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.neoserve.v1.TokenLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xaa\x01\n\x10GenerateComplete\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.neoserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.neoserve.v1.Usage\x12\x13\n\x0bstop_string\x18\x03 \x01(\t\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"\x8f\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.neoserve.v1.GenerateDeltaH\x00\x12\x31\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1d.neoserve.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"M\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.neoserve.v1.ChatH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xb6\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf2\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.neoserve.v1.GenerateRequest\x1a\x1d.neoserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.neoserve.v1.TokenizeRequest\x1a\x1d.neoserve.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.neoserve.v1.ModelInfoRequest\x1a\x1e.neoserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#neoserve/v1/inference_service.proto\x12\x0bneoserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.neoserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xed\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\x05\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\x17\n\ncache_salt\x18\x10 \x01(\tH\x0b\x88\x01\x01\x12\x19\n\x11skip_prefix_cache\x18\x11 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_cache_salt\"\xc9\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.neoserve.v1.ChatH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.neoserve.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.neoserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.neoserve.v1.TopLogprob\"]\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.neoserve.v1.TokenLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xaa\x01\n\x10GenerateComplete\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.neoserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.neoserve.v1.Usage\x12\x13\n\x0bstop_string\x18\x03 \x01(\t\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"\x8f\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.neoserve.v1.GenerateDeltaH\x00\x12\x31\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1d.neoserve.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"M\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.neoserve.v1.ChatH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xb6\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf2\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.neoserve.v1.GenerateRequest\x1a\x1d.neoserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.neoserve.v1.TokenizeRequest\x1a\x1d.neoserve.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.neoserve.v1.ModelInfoRequest\x1a\x1e.neoserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neoserve.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1938
-  _globals['_FINISHREASON']._serialized_end=2033
+  _globals['_FINISHREASON']._serialized_start=2028
+  _globals['_FINISHREASON']._serialized_end=2123
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=96
   _globals['_CHAT']._serialized_start=98
@@ -40,29 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=150
   _globals['_TOKENIDS']._serialized_end=173
   _globals['_SAMPLINGPARAMETERS']._serialized_start=176
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=730
-  _globals['_GENERATEREQUEST']._serialized_start=733
-  _globals['_GENERATEREQUEST']._serialized_end=934
-  _globals['_TOPLOGPROB']._serialized_start=936
-  _globals['_TOPLOGPROB']._serialized_end=998
-  _globals['_TOKENLOGPROB']._serialized_start=1000
-  _globals['_TOKENLOGPROB']._serialized_end=1102
-  _globals['_GENERATEDELTA']._serialized_start=1104
-  _globals['_GENERATEDELTA']._serialized_end=1197
-  _globals['_USAGE']._serialized_start=1199
-  _globals['_USAGE']._serialized_end=1278
-  _globals['_GENERATECOMPLETE']._serialized_start=1281
-  _globals['_GENERATECOMPLETE']._serialized_end=1451
-  _globals['_GENERATERESPONSE']._serialized_start=1454
-  _globals['_GENERATERESPONSE']._serialized_end=1597
-  _globals['_TOKENIZEREQUEST']._serialized_start=1599
-  _globals['_TOKENIZEREQUEST']._serialized_end=1676
-  _globals['_TOKENIZERESPONSE']._serialized_start=1678
-  _globals['_TOKENIZERESPONSE']._serialized_end=1731
-  _globals['_MODELINFOREQUEST']._serialized_start=1733
-  _globals['_MODELINFOREQUEST']._serialized_end=1751
-  _globals['_MODELINFORESPONSE']._serialized_start=1754
-  _globals['_MODELINFORESPONSE']._serialized_end=1936
-  _globals['_INFERENCESERVICE']._serialized_start=2036
-  _globals['_INFERENCESERVICE']._serialized_end=2278
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=797
+  _globals['_GENERATEREQUEST']._serialized_start=800
+  _globals['_GENERATEREQUEST']._serialized_end=1001
+  _globals['_TOPLOGPROB']._serialized_start=1003
+  _globals['_TOPLOGPROB']._serialized_end=1065
+  _globals['_TOKENLOGPROB']._serialized_start=1067
+  _globals['_TOKENLOGPROB']._serialized_end=1169
+  _globals['_GENERATEDELTA']._serialized_start=1171
+  _globals['_GENERATEDELTA']._serialized_end=1264
+  _globals['_USAGE']._serialized_start=1266
+  _globals['_USAGE']._serialized_end=1368
+  _globals['_GENERATECOMPLETE']._serialized_start=1371
+  _globals['_GENERATECOMPLETE']._serialized_end=1541
+  _globals['_GENERATERESPONSE']._serialized_start=1544
+  _globals['_GENERATERESPONSE']._serialized_end=1687
+  _globals['_TOKENIZEREQUEST']._serialized_start=1689
+  _globals['_TOKENIZEREQUEST']._serialized_end=1766
+  _globals['_TOKENIZERESPONSE']._serialized_start=1768
+  _globals['_TOKENIZERESPONSE']._serialized_end=1821
+  _globals['_MODELINFOREQUEST']._serialized_start=1823
+  _globals['_MODELINFOREQUEST']._serialized_end=1841
+  _globals['_MODELINFORESPONSE']._serialized_start=1844
+  _globals['_MODELINFORESPONSE']._serialized_end=2026
+  _globals['_INFERENCESERVICE']._serialized_start=2126
+  _globals['_INFERENCESERVICE']._serialized_end=2368
 # @@protoc_insertion_point(module_scope)

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!neoserve/internal/v1/worker.proto\x12\x14neoserve.internal.v1\"\xb7\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"r\n\x0cStartRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x06params\x18\x03 \x01(\x0b\x32$.neoserve.internal.v1.SamplingParams\"Q\n\rStreamRequest\x12\x31\n\x05start\x18\x01 \x03(\x0b\x32\".neoserve.internal.v1.StartRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x03top\x18\x03 \x03(\x0b\x32 .neoserve.internal.v1.TopLogprob\"t\n\x0cRequestError\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.neoserve.internal.v1.ErrorKind\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x02\"\xd3\x02\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\x12\x34\n\x08logprobs\x18\x05 \x03(\x0b\x32\".neoserve.internal.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x39\n\rfinish_reason\x18\x07 \x01(\x0e\x32\".neoserve.internal.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x31\n\x05\x65rror\x18\t \x01(\x0b\x32\".neoserve.internal.v1.RequestErrorB\x10\n\x0e_stop_token_id\"D\n\x0eStreamResponse\x12\x32\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\".neoserve.internal.v1.RequestDelta\"\r\n\x0bInfoRequest\"\xd4\x01\n\x0cInfoResponse\x12\x12\n\nmodel_spec\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\"\x0e\n\x0cStatsRequest\"\xa6\x03\n\rStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x19\n\x11num_cpu_sequences\x18\x03 \x01(\r\x12\x1a\n\x12gpu_kv_blocks_used\x18\x04 \x01(\x04\x12\x1b\n\x13gpu_kv_blocks_total\x18\x05 \x01(\x04\x12\x19\n\x11\x63pu_kv_bytes_used\x18\x06 \x01(\x04\x12\x1a\n\x12\x63pu_kv_bytes_total\x18\x07 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x19\n\x11num_open_requests\x18\t \x01(\r\x12\x13\n\x0bnum_streams\x18\n \x01(\r\x12\x15\n\rnum_swap_outs\x18\x0b \x01(\x04\x12\x14\n\x0cnum_swap_ins\x18\x0c \x01(\x04\x12\x11\n\tnum_steps\x18\r \x01(\x04\x12\x1b\n\x13num_pipelined_steps\x18\x0e \x01(\x04\x12\x17\n\x0fnum_cpu_decodes\x18\x0f \x01(\x04\x12\x13\n\x0bnum_decodes\x18\x10 \x01(\x04\x12\x0c\n\x04mode\x18\x11 \x01(\t*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x90\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_KIND_VALIDATION\x10\x01\x12\x17\n\x13\x45RROR_KIND_CAPACITY\x10\x02\x12\x1a\n\x16\x45RROR_KIND_UNAVAILABLE\x10\x03\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x04\x32\x89\x02\n\rWorkerService\x12W\n\x06Stream\x12#.neoserve.internal.v1.StreamRequest\x1a$.neoserve.internal.v1.StreamResponse(\x01\x30\x01\x12M\n\x04Info\x12!.neoserve.internal.v1.InfoRequest\x1a\".neoserve.internal.v1.InfoResponse\x12P\n\x05Stats\x12\".neoserve.internal.v1.StatsRequest\x1a#.neoserve.internal.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!neoserve/internal/v1/worker.proto\x12\x14neoserve.internal.v1\"\xfa\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x12\x17\n\ncache_salt\x18\x0e \x01(\tH\x02\x88\x01\x01\x12\x19\n\x11skip_prefix_cache\x18\x0f \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\r\n\x0b_cache_salt\"r\n\x0cStartRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x06params\x18\x03 \x01(\x0b\x32$.neoserve.internal.v1.SamplingParams\"Q\n\rStreamRequest\x12\x31\n\x05start\x18\x01 \x03(\x0b\x32\".neoserve.internal.v1.StartRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x03top\x18\x03 \x03(\x0b\x32 .neoserve.internal.v1.TopLogprob\"t\n\x0cRequestError\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.neoserve.internal.v1.ErrorKind\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x02\"\xee\x02\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\x12\x34\n\x08logprobs\x18\x05 \x03(\x0b\x32\".neoserve.internal.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x39\n\rfinish_reason\x18\x07 \x01(\x0e\x32\".neoserve.internal.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x31\n\x05\x65rror\x18\t \x01(\x0b\x32\".neoserve.internal.v1.RequestError\x12\x19\n\x11num_cached_tokens\x18\n \x01(\rB\x10\n\x0e_stop_token_id\"D\n\x0eStreamResponse\x12\x32\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\".neoserve.internal.v1.RequestDelta\"\r\n\x0bInfoRequest\"\xd4\x01\n\x0cInfoResponse\x12\x12\n\nmodel_spec\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\"\x0e\n\x0cStatsRequest\"\xc1\x04\n\rStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x19\n\x11num_cpu_sequences\x18\x03 \x01(\r\x12\x1a\n\x12gpu_kv_blocks_used\x18\x04 \x01(\x04\x12\x1b\n\x13gpu_kv_blocks_total\x18\x05 \x01(\x04\x12\x19\n\x11\x63pu_kv_bytes_used\x18\x06 \x01(\x04\x12\x1a\n\x12\x63pu_kv_bytes_total\x18\x07 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x19\n\x11num_open_requests\x18\t \x01(\r\x12\x13\n\x0bnum_streams\x18\n \x01(\r\x12\x15\n\rnum_swap_outs\x18\x0b \x01(\x04\x12\x14\n\x0cnum_swap_ins\x18\x0c \x01(\x04\x12\x11\n\tnum_steps\x18\r \x01(\x04\x12\x1b\n\x13num_pipelined_steps\x18\x0e \x01(\x04\x12\x17\n\x0fnum_cpu_decodes\x18\x0f \x01(\x04\x12\x13\n\x0bnum_decodes\x18\x10 \x01(\x04\x12\x0c\n\x04mode\x18\x11 \x01(\t\x12\x16\n\x0eprefix_caching\x18( \x01(\x08\x12#\n\x1bprefix_cache_queried_tokens\x18) \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18* \x01(\x04\x12\x1b\n\x13prefix_cache_blocks\x18+ \x01(\x04\x12\x1e\n\x16prefix_cache_evictions\x18, \x01(\x04*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x90\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_KIND_VALIDATION\x10\x01\x12\x17\n\x13\x45RROR_KIND_CAPACITY\x10\x02\x12\x1a\n\x16\x45RROR_KIND_UNAVAILABLE\x10\x03\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x04\x32\x89\x02\n\rWorkerService\x12W\n\x06Stream\x12#.neoserve.internal.v1.StreamRequest\x1a$.neoserve.internal.v1.StreamResponse(\x01\x30\x01\x12M\n\x04Info\x12!.neoserve.internal.v1.InfoRequest\x1a\".neoserve.internal.v1.InfoResponse\x12P\n\x05Stats\x12\".neoserve.internal.v1.StatsRequest\x1a#.neoserve.internal.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neoserve.internal.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1921
-  _globals['_FINISHREASON']._serialized_end=2066
-  _globals['_ERRORKIND']._serialized_start=2069
-  _globals['_ERRORKIND']._serialized_end=2213
+  _globals['_FINISHREASON']._serialized_start=2170
+  _globals['_FINISHREASON']._serialized_end=2315
+  _globals['_ERRORKIND']._serialized_start=2318
+  _globals['_ERRORKIND']._serialized_end=2462
   _globals['_SAMPLINGPARAMS']._serialized_start=60
-  _globals['_SAMPLINGPARAMS']._serialized_end=371
-  _globals['_STARTREQUEST']._serialized_start=373
-  _globals['_STARTREQUEST']._serialized_end=487
-  _globals['_STREAMREQUEST']._serialized_start=489
-  _globals['_STREAMREQUEST']._serialized_end=570
-  _globals['_TOPLOGPROB']._serialized_start=572
-  _globals['_TOPLOGPROB']._serialized_end=619
-  _globals['_TOKENLOGPROB']._serialized_start=621
-  _globals['_TOKENLOGPROB']._serialized_end=717
-  _globals['_REQUESTERROR']._serialized_start=719
-  _globals['_REQUESTERROR']._serialized_end=835
-  _globals['_REQUESTDELTA']._serialized_start=838
-  _globals['_REQUESTDELTA']._serialized_end=1177
-  _globals['_STREAMRESPONSE']._serialized_start=1179
-  _globals['_STREAMRESPONSE']._serialized_end=1247
-  _globals['_INFOREQUEST']._serialized_start=1249
-  _globals['_INFOREQUEST']._serialized_end=1262
-  _globals['_INFORESPONSE']._serialized_start=1265
-  _globals['_INFORESPONSE']._serialized_end=1477
-  _globals['_STATSREQUEST']._serialized_start=1479
-  _globals['_STATSREQUEST']._serialized_end=1493
-  _globals['_STATSRESPONSE']._serialized_start=1496
-  _globals['_STATSRESPONSE']._serialized_end=1918
-  _globals['_WORKERSERVICE']._serialized_start=2216
-  _globals['_WORKERSERVICE']._serialized_end=2481
+  _globals['_SAMPLINGPARAMS']._serialized_end=438
+  _globals['_STARTREQUEST']._serialized_start=440
+  _globals['_STARTREQUEST']._serialized_end=554
+  _globals['_STREAMREQUEST']._serialized_start=556
+  _globals['_STREAMREQUEST']._serialized_end=637
+  _globals['_TOPLOGPROB']._serialized_start=639
+  _globals['_TOPLOGPROB']._serialized_end=686
+  _globals['_TOKENLOGPROB']._serialized_start=688
+  _globals['_TOKENLOGPROB']._serialized_end=784
+  _globals['_REQUESTERROR']._serialized_start=786
+  _globals['_REQUESTERROR']._serialized_end=902
+  _globals['_REQUESTDELTA']._serialized_start=905
+  _globals['_REQUESTDELTA']._serialized_end=1271
+  _globals['_STREAMRESPONSE']._serialized_start=1273
+  _globals['_STREAMRESPONSE']._serialized_end=1341
+  _globals['_INFOREQUEST']._serialized_start=1343
+  _globals['_INFOREQUEST']._serialized_end=1356
+  _globals['_INFORESPONSE']._serialized_start=1359
+  _globals['_INFORESPONSE']._serialized_end=1571
+  _globals['_STATSREQUEST']._serialized_start=1573
+  _globals['_STATSREQUEST']._serialized_end=1587
+  _globals['_STATSRESPONSE']._serialized_start=1590
+  _globals['_STATSRESPONSE']._serialized_end=2167
+  _globals['_WORKERSERVICE']._serialized_start=2465
+  _globals['_WORKERSERVICE']._serialized_end=2730
 # @@protoc_insertion_point(module_scope)

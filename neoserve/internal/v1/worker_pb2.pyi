@@ -34,7 +34,7 @@ ERROR_KIND_UNAVAILABLE: ErrorKind
 ERROR_KIND_INTERNAL: ErrorKind
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs")
+    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "cache_salt", "skip_prefix_cache")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class SamplingParams(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_k: int
@@ -61,7 +63,9 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     min_tokens: int
     logprobs: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    cache_salt: str
+    skip_prefix_cache: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[int] = ..., cache_salt: _Optional[str] = ..., skip_prefix_cache: _Optional[bool] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params")
@@ -112,7 +116,7 @@ class RequestError(_message.Message):
     def __init__(self, kind: _Optional[_Union[ErrorKind, str]] = ..., field: _Optional[str] = ..., message: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class RequestDelta(_message.Message):
-    __slots__ = ("request_id", "new_token_ids", "num_prompt_tokens", "num_output_tokens", "logprobs", "finished", "finish_reason", "stop_token_id", "error")
+    __slots__ = ("request_id", "new_token_ids", "num_prompt_tokens", "num_output_tokens", "logprobs", "finished", "finish_reason", "stop_token_id", "error", "num_cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +126,7 @@ class RequestDelta(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_prompt_tokens: int
@@ -131,7 +136,8 @@ class RequestDelta(_message.Message):
     finish_reason: FinishReason
     stop_token_id: int
     error: RequestError
-    def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("deltas",)
@@ -172,7 +178,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_cpu_sequences", "gpu_kv_blocks_used", "gpu_kv_blocks_total", "cpu_kv_bytes_used", "cpu_kv_bytes_total", "num_preemptions", "num_open_requests", "num_streams", "num_swap_outs", "num_swap_ins", "num_steps", "num_pipelined_steps", "num_cpu_decodes", "num_decodes", "mode")
+    __slots__ = ("num_running", "num_waiting", "num_cpu_sequences", "gpu_kv_blocks_used", "gpu_kv_blocks_total", "cpu_kv_bytes_used", "cpu_kv_bytes_total", "num_preemptions", "num_open_requests", "num_streams", "num_swap_outs", "num_swap_ins", "num_steps", "num_pipelined_steps", "num_cpu_decodes", "num_decodes", "mode", "prefix_caching", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_blocks", "prefix_cache_evictions")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_CPU_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +196,11 @@ class StatsResponse(_message.Message):
     NUM_CPU_DECODES_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_cpu_sequences: int
@@ -207,4 +218,9 @@ class StatsResponse(_message.Message):
     num_cpu_decodes: int
     num_decodes: int
     mode: str
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_cpu_sequences: _Optional[int] = ..., gpu_kv_blocks_used: _Optional[int] = ..., gpu_kv_blocks_total: _Optional[int] = ..., cpu_kv_bytes_used: _Optional[int] = ..., cpu_kv_bytes_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_open_requests: _Optional[int] = ..., num_streams: _Optional[int] = ..., num_swap_outs: _Optional[int] = ..., num_swap_ins: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_pipelined_steps: _Optional[int] = ..., num_cpu_decodes: _Optional[int] = ..., num_decodes: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+    prefix_caching: bool
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_blocks: int
+    prefix_cache_evictions: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_cpu_sequences: _Optional[int] = ..., gpu_kv_blocks_used: _Optional[int] = ..., gpu_kv_blocks_total: _Optional[int] = ..., cpu_kv_bytes_used: _Optional[int] = ..., cpu_kv_bytes_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_open_requests: _Optional[int] = ..., num_streams: _Optional[int] = ..., num_swap_outs: _Optional[int] = ..., num_swap_ins: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_pipelined_steps: _Optional[int] = ..., num_cpu_decodes: _Optional[int] = ..., num_decodes: _Optional[int] = ..., mode: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_blocks: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ...) -> None: ...
