@@ -27,12 +27,11 @@ from gateway.backend import Backend, BackendSpec
 from gateway.backend_pool import BackendPool
 from gateway.metrics import GatewayMetrics
 from gateway.generation import ModelState
+from gateway.health_names import ALL_BACKENDS_SERVICE, OFFLOAD_SERVICE, PUBLIC_SERVICE  # noqa: F401 - re-exported
 from gateway.router import DEFAULT_BLOCK_SIZE, Router
 
 log = logging.getLogger(__name__)
 
-PUBLIC_SERVICE = "neoserve.v1.InferenceService"
-OFFLOAD_SERVICE = "neoserve.v1.InferenceService.CpuOffload"  # SERVING while KV can go to the sidecar
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -141,6 +140,8 @@ class BackendMonitor:
         await self._set_offload(backends)
         serving = self._model.ready and any(b.routable for b in backends) and not self._admission.draining
         await self.set_serving(serving)
+        everyone = serving and all(b.routable for b in backends)
+        await self._health.set(ALL_BACKENDS_SERVICE, SERVING if everyone else NOT_SERVING)
         return serving
 
     def _export(self, backends: list[Backend]) -> None:
@@ -170,6 +171,8 @@ class BackendMonitor:
         status = SERVING if serving else NOT_SERVING
         for service in ("", PUBLIC_SERVICE):
             await self._health.set(service, status)
+        if not serving:
+            await self._health.set(ALL_BACKENDS_SERVICE, NOT_SERVING)
 
     async def run(self) -> None:
         """Checks the backends every interval until cancelled; returns (with fatal_error set) when the model's
