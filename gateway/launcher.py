@@ -1,5 +1,9 @@
 """`neoserve serve`: runs sidecar, worker and gateway as supervised child processes on one host.
 
+With `--replicas N` it runs N worker + sidecar pairs (named worker-0, sidecar-0, ...), each on its share of the
+cores (and its own GPU while there are as many), behind the one gateway, which routes between them
+(gateway/router.py): the same routing as a Kubernetes deployment (deploy/kubernetes/), on one machine.
+
 What it guarantees:
 - each child gets explicit thread counts (OMP/MKL/torch) and a CPU affinity, so together they never ask for more
   threads than the cores they are given;
@@ -11,7 +15,7 @@ What it guarantees:
 - a child that dies is restarted (gateway on the same port), with a back-off and a restart budget per time window
   (systemd's StartLimitBurst within StartLimitIntervalSec): restarts older than the window are forgotten. A sidecar
   that uses up its budget does not stop the server: the worker serves without CPU offload (degraded) and the sidecar
-  is tried again once the window allows;
+  is tried again once the window allows; nor does one worker of several (the other replicas serve meanwhile);
 - on Ctrl-C or SIGTERM the gateway drains first, then the worker and the sidecar stop; nothing outlives the launcher
   (children also get PR_SET_PDEATHSIG, so even a SIGKILLed launcher takes them along) and no shared-memory segment
   of theirs is left in /dev/shm.
@@ -38,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.config import http_max_body_problem
+from gateway.health_names import ALL_BACKENDS_SERVICE
 from neoserve.config_fields import CliConfig, flag
 from neoserve.shm_ring import WaitPolicy
 
@@ -82,6 +87,9 @@ class ServeConfig(CliConfig):
     drain_timeout_s: float = flag(30.0, "on Ctrl-C/SIGTERM: how long running streams may finish")
     state_file: str | None = flag(None, "write addresses and child pids here as JSON once serving (for scripts)")
     log_prompts: bool = flag(False, "let the gateway log prompt text (never logged otherwise)")
+    replicas: int = flag(1, "worker + sidecar pairs behind the one gateway; the cores (--cpus) are split among them")
+    routing: str = flag("load", "how the gateway picks a replica per request: load (queued prefill, queue, KV, step "
+                                "time, prefix affinity) or round-robin", choices=("load", "round-robin"))
 
     @property
     def resolved_http_port(self) -> int:
@@ -143,6 +151,42 @@ def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     os.setpgid(0, 0)  # NOTE: own process group, so Ctrl-C reaches only the launcher, which stops children in order
+
+
+def partition_cpus(cpus: list[int], replicas: int) -> list[list[int]]:
+    """Each replica's cores: contiguous equal shares (the first ones get the remainder); with fewer cores than
+    replicas, each gets one, shared round the cores."""
+    if replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {replicas}")
+    if replicas > len(cpus):
+        log.warning("%d replicas on %d cores: replicas share cores", replicas, len(cpus))
+        return [[cpus[i % len(cpus)]] for i in range(replicas)]
+    share, extra = divmod(len(cpus), replicas)
+    out, start = [], 0
+    for i in range(replicas):
+        end = start + share + (i < extra)
+        out.append(cpus[start:end])
+        start = end
+    return out
+
+
+def count_gpus() -> int:
+    return len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One worker + sidecar pair the launcher runs: its children's names and where they listen."""
+
+    worker: str
+    worker_address: str
+    sidecar: str | None
+    sidecar_address: str | None
+
+    @property
+    def backend_flag(self) -> str:
+        """The gateway's --backend value for it."""
+        return self.worker_address + (f",sidecar={self.sidecar_address}" if self.sidecar_address else "")
 
 
 @dataclass
@@ -260,13 +304,13 @@ def port_problem(host: str, port: int, flag_name: str) -> str | None:
     return None
 
 
-def _gateway_health(address: str, timeout: float = 1.0) -> bool:
+def _gateway_health(address: str, timeout: float = 1.0, service: str = "") -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                              timeout=timeout)
         except grpc.RpcError:
             return False
@@ -288,38 +332,30 @@ class Launcher:
         cpus = [int(c) for c in serve.cpus.split(",")] if serve.cpus else sorted(os.sched_getaffinity(0))
         have_sidecar = serve.sidecar_process and (PROJECT_ROOT / "cpu_attn" / "__main__.py").is_file()
         on_gpu = engine_device == "cuda" or (engine_device == "auto" and Path("/dev/nvidia0").exists())
-        plan = plan_cpus(cpus, sidecar_busy=have_sidecar and engine_mode != "gpu-only", worker_on_gpu=on_gpu)
-        worker_threads = serve.worker_threads or plan.worker_threads
-        sidecar_threads = serve.sidecar_threads or plan.sidecar_threads
-        spin_us = DEDICATED_SPIN_US if plan.dedicated else WaitPolicy.spin_us
         child_env = {"NEOSERVE_LOG_LEVEL": "WARNING"} if quiet else {}
-        py = sys.executable
-        sidecar_address = None
-        if have_sidecar:
-            sidecar_address = f"unix:{self.run_dir / 'sidecar.sock'}"
-            self.children.append(Child(ChildSpec(
-                "sidecar", [py, "-m", "cpu_attn", "--control-address", sidecar_address, "--threads",
-                            str(sidecar_threads), "--cpus", ",".join(map(str, plan.sidecar)),
-                            "--kv-cache-gib", str(engine_cpu_kv_gib), "--parent-pid", str(os.getpid()),
-                            "--spin-us", str(spin_us)],
-                plan.sidecar, sidecar_threads, child_env)))
-        worker_address = f"unix:{self.run_dir / 'worker.sock'}"
-        # NOTE: before the user's engine flags, so an explicit --ring-spin-us wins.
-        worker_argv = [py, "-m", "gpu_worker", "--listen", worker_address, "--ring-spin-us", str(spin_us),
-                       *engine_argv, "--threads", str(worker_threads)]
-        if sidecar_address:
-            worker_argv += ["--sidecar", sidecar_address]
-        self.children.append(Child(ChildSpec("worker", worker_argv, plan.worker, worker_threads, child_env)))
+        self.replicas: list[Replica] = []
+        for index, replica_cpus in enumerate(partition_cpus(cpus, max(1, serve.replicas))):
+            suffix = "" if serve.replicas == 1 else f"-{index}"  # NOTE: one replica keeps the plain names
+            plan = plan_cpus(replica_cpus, sidecar_busy=have_sidecar and engine_mode != "gpu-only",
+                             worker_on_gpu=on_gpu)
+            env = dict(child_env)
+            if on_gpu and serve.replicas > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(index % max(1, count_gpus()))  # NOTE: a GPU each, while they last
+            replica = self._add_replica(suffix, plan, engine_argv, have_sidecar, engine_cpu_kv_gib, env)
+            self.replicas.append(replica)
+        # NOTE: one replica keeps its plan's gateway core (beside a GPU worker: a core of its own).
+        gateway_cpus = plan.gateway if serve.replicas == 1 else cpus[-1:]
         self._gateway_port_file = self.run_dir / "gateway.json"
+        py = sys.executable
         gateway_argv = [py, "-m", "gateway", "--host", serve.host, "--port", str(serve.port),
-                        "--worker-address", worker_address, "--metrics-port", str(serve.metrics_port),
+                        "--metrics-port", str(serve.metrics_port), "--routing", serve.routing,
                         "--http-port", str(serve.resolved_http_port),
                         "--max-inflight", str(serve.max_inflight), "--max-queued", str(serve.max_queued),
                         "--http-max-body-mib", str(serve.http_max_body_mib),
                         "--drain-timeout-s", str(serve.drain_timeout_s), "--port-file", str(self._gateway_port_file),
                         "--model", engine_model or "embedded"]
-        if sidecar_address:
-            gateway_argv += ["--sidecar-address", sidecar_address]
+        for replica in self.replicas:
+            gateway_argv += ["--backend", replica.backend_flag]
         if serve.tls_cert:
             gateway_argv += ["--tls-cert", serve.tls_cert, "--tls-key", serve.tls_key]
         if serve.log_prompts:
@@ -329,11 +365,36 @@ class Launcher:
         gateway_env = dict(child_env)
         if serve.api_key:
             gateway_env["NEOSERVE_API_KEY"] = serve.api_key
-        self.children.append(Child(ChildSpec("gateway", gateway_argv, plan.gateway, 1, gateway_env,
+        self.children.append(Child(ChildSpec("gateway", gateway_argv, gateway_cpus, 1, gateway_env,
                                              stop_timeout_s=serve.drain_timeout_s + 10)))
-        self._worker_address = worker_address
-        self._sidecar_address = sidecar_address
         self._model_spec = engine_model
+
+    def _add_replica(self, suffix: str, plan: CpuPlan, engine_argv: list[str], have_sidecar: bool,
+                     cpu_kv_gib: float, child_env: dict[str, str]) -> "Replica":
+        """One worker (and sidecar) on the replica's cores, listening on unix sockets named after it."""
+        serve, py = self.serve, sys.executable
+        worker_threads = serve.worker_threads or plan.worker_threads
+        sidecar_threads = serve.sidecar_threads or plan.sidecar_threads
+        spin_us = DEDICATED_SPIN_US if plan.dedicated else WaitPolicy.spin_us
+        sidecar_address = None
+        if have_sidecar:
+            sidecar_address = f"unix:{self.run_dir / f'sidecar{suffix}.sock'}"
+            self.children.append(Child(ChildSpec(
+                f"sidecar{suffix}", [py, "-m", "cpu_attn", "--control-address", sidecar_address, "--threads",
+                                     str(sidecar_threads), "--cpus", ",".join(map(str, plan.sidecar)),
+                                     "--kv-cache-gib", str(cpu_kv_gib), "--parent-pid", str(os.getpid()),
+                                     "--spin-us", str(spin_us)],
+                plan.sidecar, sidecar_threads, child_env)))
+        worker_address = f"unix:{self.run_dir / f'worker{suffix}.sock'}"
+        # NOTE: before the user's engine flags, so an explicit --ring-spin-us wins.
+        worker_argv = [py, "-m", "gpu_worker", "--listen", worker_address, "--ring-spin-us", str(spin_us),
+                       *engine_argv, "--threads", str(worker_threads)]
+        if sidecar_address:
+            worker_argv += ["--sidecar", sidecar_address]
+        self.children.append(Child(ChildSpec(f"worker{suffix}", worker_argv, plan.worker, worker_threads,
+                                             child_env)))
+        return Replica(f"worker{suffix}", worker_address, f"sidecar{suffix}" if have_sidecar else None,
+                       sidecar_address)
 
     @property
     def _connect_host(self) -> str:
@@ -364,6 +425,8 @@ class Launcher:
         return model_problem(self._model_spec) or self._ports_problem() or self._limits_problem()
 
     def _limits_problem(self) -> str | None:
+        if self.serve.replicas < 1:
+            return f"--replicas: must be at least 1, got {self.serve.replicas}"
         # NOTE: the gateway checks it too; here it ends the start-up at once rather than after gateway restarts.
         problem = http_max_body_problem(self.serve.http_max_body_mib)
         return f"--http-max-body-mib: {problem}" if problem else None
@@ -415,12 +478,14 @@ class Launcher:
     def _serving(self) -> bool:
         """The gateway's own health (SERVING needs every process up). NOTE: with TLS the launcher cannot know which
         name the certificate was issued for, so it checks the worker and sidecar over their unix sockets instead."""
-        if not self.serve.tls_cert:
-            return _gateway_health(self.address)
         from gateway.healthcheck import check_sidecar
 
-        return _gateway_health(self._worker_address) and (
-            self._sidecar_address is None or check_sidecar(self._sidecar_address) == "SERVING")
+        # NOTE: every replica's worker too, and the gateway's view of them, so that a --replicas N server starts with
+        # requests going to all N.
+        if not self.serve.tls_cert and not _gateway_health(self.address, service=ALL_BACKENDS_SERVICE):
+            return False
+        return all(_gateway_health(r.worker_address) and (
+            r.sidecar_address is None or check_sidecar(r.sidecar_address) == "SERVING") for r in self.replicas)
 
     def _pin_gateway_port(self) -> None:
         """Restarts of the gateway reuse the port it got, so clients reconnect to the same address."""
@@ -439,7 +504,9 @@ class Launcher:
         state = {"address": self.address, "metrics_port": self.metrics_port, "http_port": self.http_port,
                  "http_url": self.http_url, "run_dir": str(self.run_dir),
                  "pids": {c.spec.name: c.pid for c in self.children},
-                 "worker_address": f"unix:{self.run_dir / 'worker.sock'}"}
+                 "worker_address": self.replicas[0].worker_address,
+                 "replicas": [{"worker": r.worker, "worker_address": r.worker_address, "sidecar": r.sidecar,
+                               "sidecar_address": r.sidecar_address} for r in self.replicas]}
         tmp = Path(self.serve.state_file + ".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self.serve.state_file)
@@ -486,16 +553,23 @@ class Launcher:
             log.warning("%s exited (code %s); restarting in %.1f s", name, code, delay)
             return delay
         exits = "once" if recent == 0 else f"{recent + 1} times"
-        if name != "sidecar":
+        if not self._optional(name):
             log.error("%s exited (code %s) %s within %.0f s; giving up (--max-restarts, --restart-window-s)",
                       name, code, exits, window)
             return None
-        # NOTE: the worker serves on without its sidecar (gpu-only placement, its CPU sequences recomputed); the
-        # sidecar gets its next try when the oldest restart leaves the window, and the worker takes it back then.
+        # NOTE: the worker serves on without its sidecar (gpu-only placement, its CPU sequences recomputed), and the
+        # other replicas without a worker that keeps dying; it gets its next try when the oldest restart leaves the
+        # window (a worker takes its sidecar back then).
         delay = max(RESTART_BACKOFF_S, child.restart_times[0] + window - now) if recent else window
-        log.error("sidecar exited (code %s) %s within %.0f s: serving without CPU offload (degraded); "
-                  "trying it again in %.0f s", code, exits, window, delay)
+        meanwhile = ("serving without CPU offload (degraded)" if name.startswith("sidecar")
+                     else "the other replicas serve")
+        log.error("%s exited (code %s) %s within %.0f s: %s; trying it again in %.0f s", name, code, exits, window,
+                  meanwhile, delay)
         return delay
+
+    def _optional(self, name: str) -> bool:
+        """Whether the server serves on without this child: a sidecar, or one worker of several."""
+        return name.startswith("sidecar") or (len(self.replicas) > 1 and name.startswith("worker"))
 
     def run_until_stopped(self) -> int:
         while not self._stop.wait(0.2):
@@ -505,13 +579,13 @@ class Launcher:
 
     def shutdown(self) -> None:
         """Gateway first (it drains), then worker and sidecar; SIGKILL whatever overstays; then clean up."""
-        for name in ("gateway", "worker", "sidecar"):
-            child = next((c for c in self.children if c.spec.name == name), None)
-            if child is None:
-                continue
-            child.terminate()
-            if not child.wait(child.spec.stop_timeout_s):
-                child.kill()
+        for kind in ("gateway", "worker", "sidecar"):
+            group = [c for c in self.children if c.spec.name.split("-")[0] == kind]
+            for child in group:  # NOTE: all replicas stop at once, each within its own timeout
+                child.terminate()
+            for child in group:
+                if not child.wait(child.spec.stop_timeout_s):
+                    child.kill()
         self._cleanup_shm()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

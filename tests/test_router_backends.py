@@ -123,8 +123,9 @@ def make_replicas(tmp_path):
         r.close()
 
 
-def _request(max_tokens: int, prompt: str = "hi") -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParameters(max_tokens=max_tokens))
+def _request(max_tokens: int, prompt: str = "hi", ignore_eos: bool = False) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParameters(max_tokens=max_tokens,
+                                                                            ignore_eos=ignore_eos))
 
 
 def generate(address: str, max_tokens: int = 3, prompt: str = "hi", timeout: float = STREAM_TIMEOUT_S):
@@ -142,13 +143,14 @@ def generate(address: str, max_tokens: int = 3, prompt: str = "hi", timeout: flo
 class OpenStream:
     """A streaming call held open on a thread; `outcome` is "finished" or the gRPC status code once it ends."""
 
-    def __init__(self, address: str, max_tokens: int, prompt: str = "hi", timeout: float = STREAM_TIMEOUT_S):
+    def __init__(self, address: str, max_tokens: int, prompt: str = "hi", timeout: float = STREAM_TIMEOUT_S,
+                 ignore_eos: bool = False):
         self.tokens = 0
         self.outcome = None
         self.first = threading.Event()
         self._channel = grpc.insecure_channel(address)
-        self.call = pb_grpc.InferenceServiceStub(self._channel).Generate(_request(max_tokens, prompt),
-                                                                          timeout=timeout)
+        self.call = pb_grpc.InferenceServiceStub(self._channel).Generate(
+            _request(max_tokens, prompt, ignore_eos), timeout=timeout)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
