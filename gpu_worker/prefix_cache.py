@@ -70,6 +70,22 @@ class PrefixCache:
             hits.append(block)
         return hits
 
+    def next_key(self, seq: Sequence) -> bytes | None:
+        """The key of the first block seq still has to compute, if that block is full of known tokens and is not
+        the one holding the last token (which is always computed); None otherwise."""
+        if not self.uses_cache(seq):
+            return None
+        i = seq.num_computed_tokens // self.block_size
+        if (i + 1) * self.block_size > seq.num_tokens - 1:
+            return None
+        return self.keys(seq, i + 1)[i]
+
+    def uncached_keys(self, seq: Sequence) -> list[bytes]:
+        """Keys of the full blocks of seq's known tokens that it has not cached yet (it will compute them)."""
+        if not self.uses_cache(seq):
+            return []
+        return self.keys(seq, seq.num_tokens // self.block_size)[seq.num_registered_blocks:]
+
     def is_cached(self, block: int) -> bool:
         return block in self._key_of
 

@@ -158,23 +158,31 @@ class Scheduler:
 
         # 2. Admit waiting sequences (FCFS) while budget, slots and blocks allow. None after a preemption this step:
         # NOTE: admitting then would just evict the sequence we preempted a moment ago.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            bm = self.block_manager
+        bm = self.block_manager
+        in_flight = self._keys_in_flight()
+        i = 0
+        while i < len(self.waiting) and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
             if bm.blocks_for(seq.num_tokens + 1) > bm.num_blocks:
-                self.waiting.popleft()
+                del self.waiting[i]
                 out.failed.append((seq, f"needs {seq.num_tokens + 1} tokens of KV; the GPU cache holds "
                                         f"{bm.num_blocks * bm.block_size}"))
                 continue
             # NOTE: the cached prefix is attached first, so that the checks below see only the blocks and tokens
             # still to compute (the token budget counts computed tokens, not cached ones).
             cached = bm.attach_cached_prefix(seq)
+            if in_flight is not None and bm.prefix_cache.next_key(seq) in in_flight:
+                # NOTE: a running prefill is computing the next block of this prompt's prefix: wait for it to be
+                # cached (a step or a few) rather than compute the same KV twice; later requests may go first.
+                bm.detach(seq)
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             if not bm.can_allocate(seq, seq.num_computed_tokens + n):
                 if self.config.mode == "gpu-only" or not self._swap_out_for(seq, seq.num_computed_tokens + n, out):
                     bm.detach(seq)
                     break
-            self.waiting.popleft()
+            del self.waiting[i]
             self._record_prefix_hit(seq, cached)
             bm.allocate(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
@@ -182,6 +190,8 @@ class Scheduler:
             self.running.append(seq)
             gpu_work.append(ScheduledSeq(seq, n))
             budget -= n
+            if in_flight is not None:
+                in_flight.update(bm.prefix_cache.uncached_keys(seq))
 
         for s in gpu_work:
             if s.seq.location == KVLocation.CPU:  # swapped out later in this step to admit a prefill
@@ -194,6 +204,15 @@ class Scheduler:
                 sum(s.num_new_tokens for s in out.decodes + out.prefills), sum(s.seq.num_tokens for s in out.decodes),
                 decode_only=not out.prefills)
         return out
+
+    def _keys_in_flight(self) -> set[bytes] | None:
+        """Keys of the blocks that running GPU sequences will fill with tokens they know (prefills under way);
+        None without a prefix cache."""
+        cache = self.block_manager.prefix_cache
+        if cache is None:
+            return None
+        return {key for seq in self.running if seq.location == KVLocation.GPU and seq.is_prefill
+                for key in cache.uncached_keys(seq)}
 
     def _record_prefix_hit(self, seq: Sequence, cached: int) -> None:
         cache = self.block_manager.prefix_cache

@@ -194,6 +194,26 @@ def test_admission_prefills_only_the_uncached_tokens_within_the_budget():
     assert out.num_tokens <= 16
 
 
+def test_a_request_waits_for_the_prefix_a_running_prefill_is_computing():
+    """Two requests with the same 40-token system prompt arrive together: the second waits until the first has
+    cached the prompt's blocks, then computes only its own tokens; a request with another prefix is not held."""
+    bm = cached_manager(64)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=24), bm)
+    system = list(range(100, 140))
+    first, second, other = seq_of(system + [1, 2]), seq_of(system + [3, 4, 5]), seq_of([9] * 10)
+    for seq in (first, second, other):
+        sched.add(seq)
+    computed = {}
+    for _ in range(4):
+        out = sched.schedule()
+        for s in out.scheduled:
+            computed[s.seq.request_id] = computed.get(s.seq.request_id, 0) + s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens
+            bm.cache_computed_blocks(s.seq)
+    assert other.status == SequenceStatus.RUNNING
+    assert second.num_cached_tokens == 40 and computed[second.request_id] == 3
+
+
 def _content(seq: Sequence, pos: int) -> tuple[int, ...]:
     """What the K/V at `pos` depends on: every token up to it (and the salt)."""
     return (seq.params.cache_salt, *seq.token_ids(0, pos + 1))
