@@ -46,6 +46,26 @@ class _WorkerStatsCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("neoserve_preemptions", "Sequences preempted by the scheduler",
                                   value=s.num_preemptions)
+        yield from _prefix_cache_families(s)
+
+
+def _prefix_cache_families(s: worker_pb2.StatsResponse):
+    """The prefix cache per tier (label `tier`; only "device" is built: the host tier is issue 18's item 3)."""
+    hit_ratio = s.prefix_cache_hit_tokens / s.prefix_cache_queried_tokens if s.prefix_cache_queried_tokens else 0.0
+    for kind, name, doc, value in (
+            (CounterMetricFamily, "neoserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+             "cache at admission", s.prefix_cache_queried_tokens),
+            (CounterMetricFamily, "neoserve_prefix_cache_hit_tokens", "Looked-up tokens whose KV the prefix cache "
+             "held", s.prefix_cache_hit_tokens),
+            (GaugeMetricFamily, "neoserve_prefix_cache_hit_ratio", "Hit tokens / queried tokens since start",
+             hit_ratio),
+            (GaugeMetricFamily, "neoserve_prefix_cache_blocks", "KV blocks holding cached prefixes",
+             s.prefix_cache_blocks),
+            (CounterMetricFamily, "neoserve_prefix_cache_evictions", "Cached blocks evicted for other content",
+             s.prefix_cache_evictions)):
+        family = kind(name, doc, labels=["tier"])
+        family.add_metric(["device"], value)
+        yield family
 
 
 class _BackendCollector:
