@@ -207,9 +207,9 @@ class Scheduler:
 
     def _keys_in_flight(self) -> set[bytes] | None:
         """Keys of the blocks that running GPU sequences will fill with tokens they know (prefills under way);
-        None without a prefix cache."""
+        None without a prefix cache (or with nothing waiting: nobody asks)."""
         cache = self.block_manager.prefix_cache
-        if cache is None:
+        if cache is None or not self.waiting:
             return None
         return {key for seq in self.running if seq.location == KVLocation.GPU and seq.is_prefill
                 for key in cache.uncached_keys(seq)}
