@@ -273,7 +273,9 @@ def main() -> None:
     bw = measure_read_bandwidth(int(args.membw_gib * 2**30), threads=args.threads)
     print(bw, flush=True)
 
-    base = {"threads": args.threads, "max_num_batched_tokens": max(2048, args.batch * args.prompt_len)}
+    # NOTE: no prefix cache: the repeats re-send the same prompts, and llama-batched-bench caches nothing either.
+    base = {"threads": args.threads, "max_num_batched_tokens": max(2048, args.batch * args.prompt_len),
+            "enable_prefix_caching": False}
     engine, kwargs = make_engine(base, args.engine_arg)
     model = str(kwargs.get("model") or "embedded")
     model_path = embedded_model_path() if model == "embedded" else Path(model)

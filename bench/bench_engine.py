@@ -74,7 +74,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     path = embedded_model_path()
-    engine = LLMEngine(EngineConfig(threads=args.threads, max_num_batched_tokens=4096))
+    # NOTE: no prefix cache: the decode rate subtracts a prefill-only run of the same prompts, which would hit it.
+    engine = LLMEngine(EngineConfig(threads=args.threads, max_num_batched_tokens=4096, enable_prefix_caching=False))
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     vocab = engine.model_config.vocab_size
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from gpu_worker.block_manager import BlockManager, CpuKVBudget
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_runner import ModelRunner
+from gpu_worker.offload_bound import OffloadBound
 from gpu_worker.pipeline_planner import PipelinePlanner
 from gpu_worker.prefix_cache import PrefixCache
 from gpu_worker.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -56,6 +57,7 @@ class LLMEngine:
         self.sidecar = None
         self.cpu_budget = None
         self.cpu_block_bytes = 0
+        self.offload_bound: OffloadBound | None = None
         planner = PipelinePlanner()
         mode = config.mode
         if mode != "gpu-only":
@@ -67,6 +69,9 @@ class LLMEngine:
                     raise
                 log.exception("no cpu_attn sidecar: serving gpu-only")
                 mode = "gpu-only"
+        self.offload_bound = self._offload_bound(planner) if mode == "auto" else None
+        if mode == "auto":
+            mode = self._serving_mode()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, mode=mode),
             self.block_manager, self.cpu_budget, planner)
@@ -124,7 +129,7 @@ class LLMEngine:
         self.sidecar = sidecar
         if hasattr(self, "scheduler"):  # a re-attach; at start-up the scheduler is built next
             self.scheduler.cpu_budget = self.cpu_budget
-            self.scheduler.config.mode = self.config.mode
+            self.scheduler.config.mode = self._serving_mode()
 
     def _make_planner(self) -> PipelinePlanner:
         from gpu_worker.perf_model import FIXED_MODEL_ENV, load_or_profile
@@ -135,6 +140,22 @@ class LLMEngine:
         # planner's decisions do not depend on how busy the machine is (tests rely on that).
         return PipelinePlanner(cost, latency_bound_s=bound, max_wait_steps=self.config.max_cpu_wait_steps,
                                learn_overhead=not os.environ.get(FIXED_MODEL_ENV))
+
+    def _serving_mode(self) -> str:
+        """The configured mode, except auto where the offload bound says the pipeline cannot pay: that serves exactly
+        like gpu-only (the sidecar stays attached, unused)."""
+        bound = self.offload_bound
+        if self.config.mode == "auto" and bound is not None and not bound.offload_pays:
+            return "gpu-only"
+        return self.config.mode
+
+    def _offload_bound(self, planner: PipelinePlanner) -> OffloadBound | None:
+        """Auto's go/no-go: the most the pipeline can gain over gpu-only on this host (None without a cost model)."""
+        if planner.cost is None:
+            return None
+        bound = OffloadBound.from_cost(planner.cost, self.runner.num_gpu_blocks * self.config.block_size)
+        log.info("%s", bound.describe())
+        return bound
 
     def _release_sidecar(self, seqs: list[Sequence]) -> None:
         """Frees the sidecar KV of finished or preempted sequences; a dead sidecar found here fails over at once."""

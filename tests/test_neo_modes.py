@@ -104,3 +104,26 @@ def test_pipeline_with_layer_graphs_matches(prompts, gpu_only):
                                       cuda_graph_max_batch=4), prompts, on_start=count_roles)
     assert stats.num_pipelined_steps > 0 and roles == {"A", "B"}
     assert tokens == gpu_only
+
+
+def test_auto_serves_as_gpu_only_where_the_offload_bound_says_it_cannot_pay(prompts, gpu_only, tmp_path,
+                                                                            monkeypatch):
+    """A host whose attention is slow next to the device's weight read (R = 0.045 s / 1 ms a token / 256 tokens =
+    0.176, so auto can gain at most 0.68x): auto must place and preempt exactly as gpu-only does under the same KV pressure."""
+    import json
+
+    pinned = tmp_path / "slow_host.json"
+    pinned.write_text(json.dumps({"version": 4, "key": "slow host", "linear": [[1, 0.045], [512, 1.0]],
+                                  "gpu_attn_per_token": 1e-6, "cpu_attn_base": 0.001, "cpu_attn_per_seq": 1e-4,
+                                  "cpu_attn_per_token": 1e-3, "linear_graphs": []}))
+    monkeypatch.setenv("NEOSERVE_PERF_MODEL", str(pinned))
+    modes = []
+    tokens, stats = _run(EngineConfig(mode="auto", threads=1, gpu_kv_tokens=256, cpu_kv_gib=0.25), prompts,
+                         on_start=lambda engine: modes.append((engine.scheduler.config.mode, engine.offload_bound)))
+    [(mode, bound)] = modes
+    assert mode == "gpu-only" and bound is not None and not bound.offload_pays
+    assert bound.r == pytest.approx(0.176, abs=1e-3)
+    baseline_tokens, baseline = _run(EngineConfig(mode="gpu-only", threads=1, gpu_kv_tokens=256), prompts)
+    assert stats.num_swap_outs == stats.num_cpu_decodes == 0
+    assert stats.num_preemptions == baseline.num_preemptions > 0
+    assert tokens == baseline_tokens == gpu_only
