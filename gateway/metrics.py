@@ -41,6 +41,10 @@ class _WorkerStatsCollector:
             "neoserve_cpu_kv_bytes_total": ("CPU KV-cache bytes", s.cpu_kv_bytes_total),
             "neoserve_cpu_kv_usage_ratio": ("Fraction of the CPU KV cache in use",
                                             s.cpu_kv_bytes_used / s.cpu_kv_bytes_total if s.cpu_kv_bytes_total else 0.0),
+            "neoserve_offload_r": ("Auto's offload bound R = host attention bandwidth x weight-read time / device KV "
+                                   "(0 outside auto)", s.offload_r),
+            "neoserve_offload_max_gain": ("The most auto can gain over gpu-only here, 1/2 + R (auto serves as "
+                                          "gpu-only where it is <= 1)", s.offload_max_gain),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)

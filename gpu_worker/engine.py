@@ -44,6 +44,8 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     prefix_cache_blocks: int = 0  # device blocks holding cached content (referenced or not)
     prefix_cache_evictions: int = 0  # cached device blocks given to other content
+    offload_r: float = 0.0  # auto's offload bound (OffloadBound.r); 0 without a cost model
+    offload_max_gain: float = 0.0
 
 
 class LLMEngine:
@@ -324,6 +326,8 @@ class LLMEngine:
             num_decodes=self.num_decodes,
             mode=self.scheduler.config.mode,
             **self._prefix_cache_stats(),
+            **({"offload_r": self.offload_bound.r, "offload_max_gain": self.offload_bound.max_gain}
+               if self.offload_bound is not None else {}),
         )
 
     def _prefix_cache_stats(self) -> dict[str, int]:

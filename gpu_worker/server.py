@@ -192,7 +192,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             mode=s.mode, prefix_caching=self._config.enable_prefix_caching,
             prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, prefix_cache_blocks=s.prefix_cache_blocks,
-            prefix_cache_evictions=s.prefix_cache_evictions,
+            prefix_cache_evictions=s.prefix_cache_evictions, offload_r=s.offload_r,
+            offload_max_gain=s.offload_max_gain,
         )
 
 

@@ -123,6 +123,7 @@ def test_auto_serves_as_gpu_only_where_the_offload_bound_says_it_cannot_pay(prom
     [(mode, bound)] = modes
     assert mode == "gpu-only" and bound is not None and not bound.offload_pays
     assert bound.r == pytest.approx(0.176, abs=1e-3)
+    assert (stats.offload_r, stats.offload_max_gain) == (bound.r, bound.max_gain)  # what Stats and /metrics report
     baseline_tokens, baseline = _run(EngineConfig(mode="gpu-only", threads=1, gpu_kv_tokens=256), prompts)
     assert stats.num_swap_outs == stats.num_cpu_decodes == 0
     assert stats.num_preemptions == baseline.num_preemptions > 0

@@ -178,7 +178,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_cpu_sequences", "gpu_kv_blocks_used", "gpu_kv_blocks_total", "cpu_kv_bytes_used", "cpu_kv_bytes_total", "num_preemptions", "num_open_requests", "num_streams", "num_swap_outs", "num_swap_ins", "num_steps", "num_pipelined_steps", "num_cpu_decodes", "num_decodes", "mode", "prefix_caching", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_blocks", "prefix_cache_evictions")
+    __slots__ = ("num_running", "num_waiting", "num_cpu_sequences", "gpu_kv_blocks_used", "gpu_kv_blocks_total", "cpu_kv_bytes_used", "cpu_kv_bytes_total", "num_preemptions", "num_open_requests", "num_streams", "num_swap_outs", "num_swap_ins", "num_steps", "num_pipelined_steps", "num_cpu_decodes", "num_decodes", "mode", "prefix_caching", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_blocks", "prefix_cache_evictions", "offload_r", "offload_max_gain")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_CPU_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,8 @@ class StatsResponse(_message.Message):
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_R_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_MAX_GAIN_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_cpu_sequences: int
@@ -223,4 +225,6 @@ class StatsResponse(_message.Message):
     prefix_cache_hit_tokens: int
     prefix_cache_blocks: int
     prefix_cache_evictions: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_cpu_sequences: _Optional[int] = ..., gpu_kv_blocks_used: _Optional[int] = ..., gpu_kv_blocks_total: _Optional[int] = ..., cpu_kv_bytes_used: _Optional[int] = ..., cpu_kv_bytes_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_open_requests: _Optional[int] = ..., num_streams: _Optional[int] = ..., num_swap_outs: _Optional[int] = ..., num_swap_ins: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_pipelined_steps: _Optional[int] = ..., num_cpu_decodes: _Optional[int] = ..., num_decodes: _Optional[int] = ..., mode: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_blocks: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ...) -> None: ...
+    offload_r: float
+    offload_max_gain: float
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_cpu_sequences: _Optional[int] = ..., gpu_kv_blocks_used: _Optional[int] = ..., gpu_kv_blocks_total: _Optional[int] = ..., cpu_kv_bytes_used: _Optional[int] = ..., cpu_kv_bytes_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_open_requests: _Optional[int] = ..., num_streams: _Optional[int] = ..., num_swap_outs: _Optional[int] = ..., num_swap_ins: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_pipelined_steps: _Optional[int] = ..., num_cpu_decodes: _Optional[int] = ..., num_decodes: _Optional[int] = ..., mode: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_blocks: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ..., offload_r: _Optional[float] = ..., offload_max_gain: _Optional[float] = ...) -> None: ...
