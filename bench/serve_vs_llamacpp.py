@@ -138,8 +138,9 @@ async def closed_loop(base_url: str, model: str, prompts: list[str], streams: in
     if len(prompts) < streams * per_stream:
         raise ValueError(f"{streams * per_stream} requests need as many prompts, got {len(prompts)}")
     records: list[RequestRecord] = []
-    # NOTE: one keep-alive connection per stream (no pool limit), as separate clients would hold.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    # NOTE: a new connection per request (loopback: well under a millisecond), for both servers alike:
+    # llama-server closes a connection after a streamed reply, and a pooled one then fails the next request.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         deadline = t0 + time_limit_s
@@ -278,7 +279,7 @@ def tree_processes(root: int) -> list[dict]:
         except OSError:
             continue
         # NOTE: python processes are named by their module (`-m gpu_worker`), the rest by their executable.
-        name = cmdline[cmdline.index(b"-m") + 1].decode() if b"-m" in cmdline else comm
+        name = cmdline[cmdline.index(b"-m") + 1].decode() if comm.startswith("python") and b"-m" in cmdline else comm
         out.append({"pid": pid, "name": name, "threads": len(tasks), "cpus": sorted(cpus)})
     return out
 
@@ -386,6 +387,7 @@ class Bench:
         ctx_per_seq = 2 * a.prompt_words + a.output_len + 64  # NOTE: ~1.3 tokens a word; room to spare
         for c, per, warm, measured in self.level_prompts():
             srv = LlamaServer(lc, a.model, threads=self.threads, parallel=c, ctx_per_seq=ctx_per_seq,
+                              extra_args=tuple(shlex.split(a.llama_args)),
                               log_path=self.out / f"server-llama-server-np{c}.log")
             # NOTE: taskset before exec: every thread llama-server starts (compute pool, HTTP) inherits the cores.
             srv.cmd = ["taskset", "-c", ",".join(map(str, self.cpus)), *srv.cmd]
@@ -524,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cores both servers run on (default: the first two this process may use)")
     p.add_argument("--threads", type=int, default=None, help="llama-server -t (default: the number of --cpus)")
     p.add_argument("--neoserve-args", default="", help="extra `neoserve serve` flags (default: none)")
+    p.add_argument("--llama-args", default="", help="extra llama-server flags (default: none)")
     p.add_argument("--model", type=Path, default=None, help="GGUF (default: the embedded SmolLM2 Q4_1)")
     p.add_argument("--membw-gib", type=float, default=2.0, help="read-bandwidth buffer in GiB; 0 skips it")
     p.add_argument("--ready-timeout-s", type=float, default=600.0, help="neoserve start-up limit (default: 600)")
