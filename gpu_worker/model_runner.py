@@ -14,12 +14,13 @@ from gpu_worker.attention import AttentionMetadata, PagedKVCache, paged_attentio
 from gpu_worker.compiled_decode import CompiledDecode, compile_enabled
 from gpu_worker.config import EngineConfig
 from gpu_worker.cpu_formats import FormatPlan, plan_formats
+from gpu_worker.input_batch import InputBatch, StepInputs, SubBatch
 from gpu_worker.layer_graphs import GraphedLayers, LayerGraphs
 from gpu_worker.model import quant
 from gpu_worker.model.llama import LlamaModel
 from gpu_worker.model.loader import load_model
-from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
-from gpu_worker.scheduler import ScheduledSeq, SchedulerOutput
+from gpu_worker.sampler import Sampler, make_generator
+from gpu_worker.scheduler import SchedulerOutput
 from gpu_worker.sequence import Sequence
 from gpu_worker.trace import StepTracer
 from neoserve.outputs import TokenLogprob
@@ -50,6 +51,41 @@ class SampledToken:
     seq: Sequence
     token_id: int
     logprob: TokenLogprob | None
+
+
+class SampledTokens:
+    """A step's sampled tokens for the host, one SampledToken per sampled sequence when iterated.
+
+    NOTE: the one host sync of a step. On CUDA the tokens' copy to the host is queued behind the step's kernels
+    (pinned memory, non_blocking, an event) and waited for only when the engine's postprocess reads them, so nothing
+    on the launch path waits for the device; the next step's inputs take the tokens from the device. On the CPU the
+    tensor is the answer already."""
+
+    def __init__(self, seqs: list[Sequence], token_ids: torch.Tensor, logprobs: list[TokenLogprob | None]):
+        self._seqs, self._logprobs = seqs, logprobs
+        self._ready = None
+        if token_ids.is_cuda:
+            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            host.copy_(token_ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            token_ids = host
+        self._host = token_ids  # [S]
+        self._ids: list[int] | None = None
+
+    def token_ids(self) -> list[int]:
+        """Waits for the copy (once) and returns the tokens."""
+        if self._ids is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._ids = self._host.tolist()
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __iter__(self):
+        return (SampledToken(seq, tok, lp) for seq, tok, lp in zip(self._seqs, self.token_ids(), self._logprobs))
 
 
 class ModelRunner:
@@ -98,6 +134,9 @@ class ModelRunner:
         if compile_enabled(config.compile, self.device, exact=self.formats == FormatPlan.exact()):
             self.compiled = CompiledDecode(self._decode_models(), self.kv_cache, self.block_size)
             self.compiled.start([(lo, hi) for lo, hi, _ in self._decode_ranges()])
+        # The step's inputs, kept on the device across steps and updated by what changed (input_batch.py).
+        self.input_batch = InputBatch(config.max_num_seqs, self.max_model_len, self.block_size, mc.vocab_size,
+                                      mc.eos_token_ids, self.device)
         self.global_generator = make_generator(config.seed, self.device)
         self.sampler = Sampler(generator=self.global_generator)  # unseeded rows share one draw per step
         self.sidecar = None  # SidecarClient, attached by the engine when a mode places KV on the CPU
@@ -168,9 +207,6 @@ class ModelRunner:
     def make_generator(self, seed: int) -> torch.Generator:
         return make_generator(seed, self.device)
 
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def _slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end, dtype=torch.int64)
         blocks = torch.tensor(table, dtype=torch.int64)[pos // self.block_size]
@@ -230,12 +266,35 @@ class ModelRunner:
 
     # --- the step ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
+    def execute(self, sched: SchedulerOutput) -> SampledTokens | list[SampledToken]:
         self.migrate(sched)
+        try:
+            with self._span("prepare inputs"):
+                inputs = self.input_batch.prepare(sched)
+            logits = self._logits(sched, inputs)
+            if logits is None:
+                return []
+            token_ids, logprobs = self.sampler.sample(logits, inputs.sampling)  # [S] on the device
+            self.input_batch.advance(inputs, token_ids)
+        except BaseException:
+            # NOTE: the rows may hold half of this step's updates; the host Sequences, untouched, reload them.
+            self.input_batch.clear()
+            raise
+        out = SampledTokens(inputs.sampled_seqs, token_ids, logprobs)
+        if sched.estimated_time is not None:
+            # NOTE: the planner learns from this step's wall time, taken before the postprocess reads the tokens:
+            # it must include the device's work.
+            out.token_ids()
+        return out
+
+    def _logits(self, sched: SchedulerOutput, inputs: StepInputs) -> torch.Tensor | None:
+        """The forward of both sub-batches; logits [S, V] of the sampled rows (None when no row samples)."""
         num_cpu = len(sched.cpu_decodes_a) + len(sched.cpu_decodes_b)
         variant, model = self._model_for(num_cpu + len(sched.decodes), decode_only=not sched.prefills)
-        a = _FlatBatch.build(self, model, "A", sched.cpu_decodes_a, sched.decodes, sched.prefills)
-        b = _FlatBatch.build(self, model, "B", sched.cpu_decodes_b, [], [])
+        a, b = inputs.a, inputs.b
+        for sub in (a, b):
+            if sub.num_tokens:
+                sub.rope = model.rope_tables(sub.positions)
         logits = None
         if b.num_tokens:
             hidden = torch.cat([*self._forward_pipelined(a, b, model)])  # [S_a + S_b, hidden]
@@ -245,25 +304,11 @@ class ModelRunner:
                                            a.meta.decode_mask)  # [B, V], None until its graph is compiled
             if logits is None:
                 hidden = self._forward(a, model)
-        sampling = [s for s in sched.scheduled if s.samples]
-        if not sampling:
-            return []
-        if logits is None:
-            logits = model.logits(hidden)  # [S, V]
-        seqs = [s.seq for s in sampling]
-        batch = SamplingBatch.build(
-            params=[q.params for q in seqs],
-            prompt_token_ids=[q.prompt_token_ids for q in seqs],
-            output_token_ids=[q.output_token_ids for q in seqs],
-            generators=[q.generator for q in seqs],
-            vocab_size=self.model_config.vocab_size,
-            eos_token_ids=self.model_config.eos_token_ids,
-            device=self.device,
-        )
-        out = self.sampler(logits, batch)
-        return [SampledToken(seq, tok, lp) for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs)]
+        if inputs.sampling is None:
+            return None
+        return logits if logits is not None else model.logits(hidden)  # [S, V]
 
-    def _attend(self, layer: int, batch: "_FlatBatch", q, k, v, out: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    def _attend(self, layer: int, batch: SubBatch, q, k, v, out: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """Device attention for the GPU rows into out [T, Hq * D]; the CPU rows (first batch.num_cpu) go to the
         sidecar. Returns out with the CPU rows still to fill, and the sidecar ticket for them."""
         nc = batch.num_cpu
@@ -355,7 +400,7 @@ class ModelRunner:
     def _span(self, name: str):
         return self.tracer.span(name) if self.tracer is not None else contextlib.nullcontext()
 
-    def _layers(self, batch: "_FlatBatch", role: str, model: LlamaModel) -> "_EagerLayers | GraphedLayers":
+    def _layers(self, batch: SubBatch, role: str, model: LlamaModel) -> "_EagerLayers | GraphedLayers":
         """How one sub-batch runs through the layers: from CUDA graphs when it is decode-only and fits a bucket."""
         x = model.embed(batch.ids)  # [T, hidden]
         if self.graphs is not None and batch.decode_only:
@@ -364,7 +409,7 @@ class ModelRunner:
                 return graphed
         return _EagerLayers(model, x, batch.rope, batch.keep_rows)
 
-    def _forward(self, batch: "_FlatBatch", model: LlamaModel) -> torch.Tensor:
+    def _forward(self, batch: SubBatch, model: LlamaModel) -> torch.Tensor:
         layers = self._layers(batch, "A", model)
         for i in range(model.num_layers):
             q, k, v = layers.pre(i)
@@ -373,7 +418,7 @@ class ModelRunner:
             layers.post(i)
         return layers.x  # [len(keep_rows), hidden]
 
-    def _forward_pipelined(self, a: "_FlatBatch", b: "_FlatBatch",
+    def _forward_pipelined(self, a: SubBatch, b: SubBatch,
                            model: LlamaModel) -> tuple[torch.Tensor, torch.Tensor]:
         """NEO's asymmetric pipeline: per layer the sidecar computes B's attention while the device runs A, and A's
         CPU rows while the device runs B. b holds CPU decodes only."""
@@ -420,18 +465,16 @@ class ModelRunner:
                                        [(0, prefill, 0, table)])
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)  # [T]
         pos = torch.arange(n, device=self.device)  # [T]
-        batch = _FlatBatch(name="prompt", ids=ids[:prefill], positions=pos[:prefill],
-                           rope=self.model.rope_tables(pos[:prefill]), meta=meta,
-                           keep_rows=torch.arange(prefill, device=self.device), num_cpu=0, cpu_seq_ids=[],
-                           cpu_context_lens=[], decode_only=False)
+        batch = SubBatch(name="prompt", ids=ids[:prefill], positions=pos[:prefill], meta=meta,
+                         keep_rows=torch.arange(prefill, device=self.device), num_cpu=0, cpu_seq_ids=[],
+                         cpu_context_lens=[], decode_only=False, rope=self.model.rope_tables(pos[:prefill]))
         out = [self.model.logits(self._forward(batch, self.model))]  # [prefill, V]
         variant, model = self._model_for(1, decode_only=True)
         for p in range(prefill, n):
             meta = AttentionMetadata.build(self.block_size, self.device, [slots[p]], [table], [p + 1], [])
-            step = _FlatBatch(name="decode", ids=ids[p:p + 1], positions=pos[p:p + 1],
-                              rope=model.rope_tables(pos[p:p + 1]), meta=meta,
-                              keep_rows=torch.zeros(1, dtype=torch.int64, device=self.device), num_cpu=0,
-                              cpu_seq_ids=[], cpu_context_lens=[], decode_only=True)
+            step = SubBatch(name="decode", ids=ids[p:p + 1], positions=pos[p:p + 1], meta=meta,
+                            keep_rows=torch.zeros(1, dtype=torch.int64, device=self.device), num_cpu=0,
+                            cpu_seq_ids=[], cpu_context_lens=[], decode_only=True, rope=model.rope_tables(pos[p:p + 1]))
             logits = None
             if self.compiled is not None:
                 logits = self.compiled.run(variant, step.ids, step.positions, meta.slot_mapping, meta.decode_slots,
@@ -465,69 +508,3 @@ class _EagerLayers:
             # NOTE: only the sampled rows feed the logits: skip the last layer's MLP for every other token.
             x, attn = x.index_select(0, self.keep_rows), attn.index_select(0, self.keep_rows)
         self.x = self.model.post_attention(i, x, attn)
-
-
-@dataclass
-class _FlatBatch:
-    """One sub-batch laid out flat: [CPU decodes | GPU decodes | prefill chunks]."""
-
-    name: str
-    ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, D]
-    meta: AttentionMetadata | None  # device attention of the GPU rows (None when there are none)
-    keep_rows: torch.Tensor  # rows whose last-layer output is sampled
-    num_cpu: int
-    cpu_seq_ids: list[int]
-    cpu_context_lens: list[int]
-    decode_only: bool  # one token per sequence, every row sampled (so a CUDA graph bucket can run it)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.ids.shape[0]
-
-    @classmethod
-    def build(cls, runner: ModelRunner, model: LlamaModel, name: str, cpu: list[ScheduledSeq],
-              decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]) -> "_FlatBatch":
-        ids: list[int] = []
-        positions: list[int] = []
-        for s in cpu:
-            ids.append(s.seq.last_token_id())
-            positions.append(s.seq.num_computed_tokens)
-        slots: list[int] = []
-        tables, lens = [], []
-        for s in decodes:
-            seq, pos = s.seq, s.seq.num_computed_tokens
-            ids.append(seq.last_token_id())
-            positions.append(pos)
-            slots.append(runner._slot(seq, pos))
-            tables.append(seq.block_table)
-            lens.append(pos + 1)
-        chunks = []
-        for s in prefills:
-            seq, c0, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
-            start = len(ids) - len(cpu)  # offsets within the GPU rows
-            ids += seq.token_ids(c0, c0 + n)
-            positions += range(c0, c0 + n)
-            slots += [runner._slot(seq, p) for p in range(c0, c0 + n)]
-            chunks.append((start, start + n, c0, seq.block_table))
-        meta = None
-        if decodes or prefills:
-            meta = AttentionMetadata.build(runner.block_size, runner.device, slots, tables, lens, chunks)
-        # Last token of each chunk, kept if it samples.
-        ends = list(range(1, len(cpu) + len(decodes) + 1)) + [len(cpu) + end for _, end, _, _ in chunks]
-        keep = [end - 1 for s, end in zip(cpu + decodes + prefills, ends) if s.samples]
-        dev = runner.device
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
-        return cls(
-            name=name,
-            ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=pos_t,
-            rope=model.rope_tables(pos_t),
-            meta=meta,
-            keep_rows=torch.tensor(keep, dtype=torch.int64).to(dev, non_blocking=True),
-            num_cpu=len(cpu),
-            cpu_seq_ids=[s.seq.seq_id for s in cpu],
-            cpu_context_lens=[s.seq.num_computed_tokens + 1 for s in cpu],
-            decode_only=not prefills and len(keep) == len(ids),
-        )

@@ -1,7 +1,8 @@
 """Turns one engine step's logits into one token per running request (vLLM semantics).
 
-The model runner calls `Sampler()(logits, SamplingBatch.build(...))` once per step, on CPU or CUDA. Order of the
-pipeline, per row:
+The model runner calls `Sampler().sample(logits, batch)` once per step, on CPU or CUDA, with a SamplingBatch its
+persistent batch assembles from stored per-row parameters (input_batch.py); `SamplingBatch.build` derives the same
+from a list of params. Order of the pipeline, per row:
 
 1. raw log-probabilities (log_softmax of the unmodified logits) for rows that asked for logprobs;
 2. penalties on the raw logits: repetition (prompt + output tokens, HF/vLLM rule), then frequency and presence
@@ -330,19 +331,24 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [B, V] (any float dtype, any device; not modified). Returns one token per row."""
+        token_ids, logprobs = self.sample(logits, batch)
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+        """One token per row, left on the logits' device ([B] int64: the model runner feeds them to the next step
+        without a host round trip), and the rows' logprobs (those alone read values back to the host)."""
         if logits.dim() != 2 or logits.shape != (batch.num_rows, batch.vocab_size):
             raise ValueError(f"logits shape {tuple(logits.shape)} != ({batch.num_rows}, {batch.vocab_size})")
         logits = logits.float()  # no copy when already float32
         if batch.fast_path:
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * batch.num_rows)
+            return logits.argmax(dim=-1), [None] * batch.num_rows  # [B]
 
         adjusted = self._adjust(logits, batch)  # [B, V]
         if batch.all_greedy:
             token_ids = adjusted.argmax(dim=-1)  # [B]
         else:
             token_ids = self._sample(adjusted, batch)  # [B]
-        token_list = token_ids.tolist()
-        return SamplerOutput(token_list, self._logprobs(logits, token_ids, token_list, batch))
+        return token_ids, self._logprobs(logits, token_ids, batch)
 
     def probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The distribution each row samples from, [B, V] float32 (one-hot on greedy rows). For tests and debugging."""
@@ -440,16 +446,16 @@ class Sampler:
                 uniform[row].uniform_(generator=generator)
         return uniform.log_().neg_()
 
-    def _logprobs(
-        self, logits: torch.Tensor, token_ids: torch.Tensor, token_list: list[int], batch: SamplingBatch
-    ) -> list[TokenLogprob | None]:
+    def _logprobs(self, logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprob | None]:
         """Log-probabilities of the RAW model distribution (vLLM's default): chosen token and top-n, best first."""
         result: list[TokenLogprob | None] = [None] * batch.num_rows
         if not batch.logprob_rows:
             return result
         rows = torch.tensor(batch.logprob_rows, dtype=torch.int64, device=logits.device)  # [L]
         logprobs = torch.log_softmax(logits.index_select(0, rows), dim=-1)  # [L, V]
-        chosen = logprobs.gather(1, token_ids.index_select(0, rows).unsqueeze(1)).squeeze(1).tolist()  # [L]
+        chosen_ids = token_ids.index_select(0, rows)  # [L]
+        chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()  # [L]
+        chosen_list = chosen_ids.tolist()
         max_n = max(batch.num_logprobs)
         top_values: list[list[float]] = [[] for _ in batch.logprob_rows]
         top_ids: list[list[int]] = [[] for _ in batch.logprob_rows]
@@ -458,7 +464,7 @@ class Sampler:
             top_values, top_ids = values.tolist(), ids.tolist()
         for j, (row, n) in enumerate(zip(batch.logprob_rows, batch.num_logprobs)):
             result[row] = TokenLogprob(
-                token_id=token_list[row],
+                token_id=chosen_list[j],
                 logprob=chosen[j],
                 top=list(zip(top_ids[j][:n], top_values[j][:n])),
             )
