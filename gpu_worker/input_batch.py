@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from gpu_worker.attention import AttentionMetadata, PrefillChunk
-from gpu_worker.sampler import GREEDY_TEMPERATURE_EPS, Penalties, SamplingBatch, token_counts, token_mask
+from gpu_worker.sampler import Penalties, SamplingBatch, row_sampling, token_counts, token_mask
 from gpu_worker.scheduler import ScheduledSeq, SchedulerOutput
 from gpu_worker.sequence import Sequence
 
@@ -205,26 +205,23 @@ class InputBatch:
             self._slots_version += 1
 
     def _load_sampling(self, rows: list[int]) -> None:
-        """New rows' sampling parameters (fixed for a request's life), as SamplingBatch.build derives them."""
+        """New rows' sampling parameters (fixed for a request's life), by the rule SamplingBatch.build uses."""
         v, h = self.vocab_size, self.host
         floats = []
         for row in rows:
             seq = self.seqs[row]
             p = seq.params
-            greedy = p.temperature < GREEDY_TEMPERATURE_EPS
-            k = v if greedy or p.top_k == 0 else min(p.top_k, v)
-            # NOTE: 1 - top_p in float64, then stored as float32, as SamplingBatch.build (and HF) do.
-            threshold = 0.0 if greedy else 1.0 - p.top_p
-            floats.append([1.0 if greedy else p.temperature, 0.0 if greedy else p.min_p, threshold,
-                           p.repetition_penalty, p.presence_penalty, p.frequency_penalty])
-            h["greedy"][row] = greedy
-            h["filter"][row] = k < v or threshold > 0.0
-            h["top_p"][row] = threshold > 0.0
-            h["min_p"][row] = not greedy and p.min_p > 0.0
+            r = row_sampling(p, v)
+            floats.append([r.temperature, r.min_p, r.top_p_threshold, p.repetition_penalty, p.presence_penalty,
+                           p.frequency_penalty])
+            h["greedy"][row] = r.greedy
+            h["filter"][row] = r.filters
+            h["top_p"][row] = r.top_p_threshold > 0.0
+            h["min_p"][row] = r.min_p > 0.0
             h["seeded"][row] = seq.generator is not None
             h["repetition"][row] = p.repetition_penalty != 1.0
             h["openai"][row] = p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            h["top_k"][row] = k
+            h["top_k"][row] = r.top_k
             h["prompt_len"][row] = seq.num_prompt_tokens
             h["min_tokens"][row] = p.min_tokens
             h["logprobs"][row] = -1 if p.logprobs is None else p.logprobs

@@ -37,6 +37,28 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 TOP_P_CANDIDATES = 256
 
 
+@dataclass(frozen=True)
+class RowSampling:
+    """What one request's SamplingParams mean for its row (SamplingBatch.build and the persistent batch both use it).
+    Greedy rows get neutral values: they take the argmax before any filtering anyway."""
+
+    greedy: bool
+    temperature: float  # 1.0 for greedy rows
+    min_p: float  # 0.0 for greedy rows
+    top_k: int  # vocab_size when off
+    top_p_threshold: float  # 1 - top_p; 0.0 when off
+    filters: bool  # top-k or top-p applies
+
+
+def row_sampling(p: SamplingParams, vocab_size: int) -> RowSampling:
+    greedy = p.temperature < GREEDY_TEMPERATURE_EPS
+    k = vocab_size if greedy or p.top_k == 0 else min(p.top_k, vocab_size)
+    # NOTE: 1 - top_p is computed in float64 here, as HF's TopPLogitsWarper does, then stored as float32.
+    threshold = 0.0 if greedy else 1.0 - p.top_p
+    return RowSampling(greedy, 1.0 if greedy else p.temperature, 0.0 if greedy else p.min_p, k, threshold,
+                       k < vocab_size or threshold > 0.0)
+
+
 def make_generator(seed: int, device) -> torch.Generator:
     """The private random stream of one seeded request; the engine creates it once, when the request arrives."""
     generator = torch.Generator(device=torch.device(device))
@@ -158,27 +180,23 @@ class SamplingBatch:
                 f"{len(output_token_ids)} outputs, {len(generators)} generators"
             )
         device = torch.device(device)
-        greedy = [p.temperature < GREEDY_TEMPERATURE_EPS for p in params]
+        rows = [row_sampling(p, vocab_size) for p in params]
+        greedy = [r.greedy for r in rows]
         all_greedy = all(greedy)
 
         temperature = filter_rows_t = filter_top_k = filter_threshold = min_p = unseeded_rows = None
         filter_ks: list[int] = []
         seeded_rows: list[tuple[int, torch.Generator]] = []
         if not all_greedy:
-            # NOTE: greedy rows get neutral filter values: they take the argmax before any filtering anyway.
             temps, min_ps, filter_rows, filter_thresholds, unseeded = [], [], [], [], []
-            for i, (p, g) in enumerate(zip(params, generators)):
-                is_greedy = greedy[i]
-                k = vocab_size if is_greedy or p.top_k == 0 else min(p.top_k, vocab_size)
-                # NOTE: 1 - top_p is computed in float64 here, as HF's TopPLogitsWarper does, then stored as float32.
-                threshold = 0.0 if is_greedy else 1.0 - p.top_p
-                temps.append(1.0 if is_greedy else p.temperature)
-                min_ps.append(0.0 if is_greedy else p.min_p)
-                if k < vocab_size or threshold > 0.0:
+            for i, (r, g) in enumerate(zip(rows, generators)):
+                temps.append(r.temperature)
+                min_ps.append(r.min_p)
+                if r.filters:
                     filter_rows.append(i)
-                    filter_ks.append(k)
-                    filter_thresholds.append(threshold)
-                if not is_greedy:
+                    filter_ks.append(r.top_k)
+                    filter_thresholds.append(r.top_p_threshold)
+                if not r.greedy:
                     if g is not None:
                         seeded_rows.append((i, g))
                     else:
