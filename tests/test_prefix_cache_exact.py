@@ -128,6 +128,7 @@ def test_gpu_only_together(gpu_engine, prompts, reference):
     _check_together(gpu_engine, prompts, reference)
 
 
+@pytest.mark.full  # NOTE: preemption and eviction with refcounts are also property-tested in test_prefix_cache.py
 def test_gpu_only_with_preemption_and_eviction(prompts, reference):
     """A device cache of 10 blocks: requests preempt each other and cached blocks are evicted while others are
     parked and hit again."""
@@ -141,6 +142,7 @@ def test_gpu_only_with_preemption_and_eviction(prompts, reference):
     assert stats.num_preemptions > 0 and stats.prefix_cache_evictions > 0 and stats.prefix_cache_hit_tokens > 0
 
 
+@pytest.mark.full  # NOTE: the sidecar's side is also run by test_auto_with_migrations in the default run
 def test_cpu_all(prompts, reference):
     engine = _engine(mode="cpu-all", cpu_kv_gib=0.25)
     try:

@@ -21,7 +21,8 @@ from neoserve.v1 import inference_service_pb2 as pb
 from tests.live_server import running_server
 from tests.test_router_backends import OpenStream, generate
 
-pytestmark = pytest.mark.slow
+# NOTE: the full tier: test_router_backends.py kills a backend under load in the default run (fake workers).
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 # NOTE: --compile off: a background compile per worker would take the cores these tests share; --dtype float32 is
 # the exact path, whose step time does not depend on what runs beside it.
