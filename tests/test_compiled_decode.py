@@ -87,6 +87,7 @@ def _step_inputs(batch: int, contexts: list[int], block_size: int, num_blocks: i
 def test_compiled_step_matches_the_eager_step(kind):
     """Batch 1 and batch >= 2 graphs (dynamic batch and context length) against the uncompiled function, writing
     the same K/V into the cache."""
+    torch.manual_seed(0)  # NOTE: the data must not depend on which tests ran before in this process
     model = _tiny_model(kind)
     mc, bs, blocks = model.config, 16, 24
     cache = PagedKVCache(mc.num_layers, blocks, bs, mc.num_kv_heads, mc.head_dim, torch.bfloat16, torch.device("cpu"))
@@ -104,7 +105,9 @@ def test_compiled_step_matches_the_eager_step(kind):
         assert out is not None and out.shape == ref.shape
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
         for a, b in zip(cache.k + cache.v, k_ref + v_ref):
-            assert torch.equal(a, b), "the compiled step wrote different K/V"
+            # NOTE: the same K/V up to one bf16 step: fused fp32 arithmetic may round the other way at the cast.
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0.0,
+                                       msg="the compiled step wrote different K/V")
 
 
 def test_run_returns_none_until_compiled():
