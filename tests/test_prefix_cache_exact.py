@@ -155,6 +155,7 @@ def test_cpu_all(prompts, reference):
         engine.close()
 
 
+@pytest.mark.full  # NOTE: the scheduler's auto migrations with shared prefixes are property-tested in test_prefix_cache.py
 def test_auto_with_migrations(prompts, reference):
     """Room for a few sequences on the device: the rest move to the CPU and back while prefixes are shared."""
     engine = _engine(mode="auto", cpu_kv_gib=0.25, gpu_kv_tokens=14 * BS)

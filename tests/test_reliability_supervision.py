@@ -148,6 +148,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.full  # NOTE: minutes of restarts; a single sidecar death and fail-over run in the default tier
 def test_a_sidecar_killed_20_times_leaves_the_server_serving_degraded_then_recovered(reference):
     """SIGKILL the sidecar 20 times over one server's life, each new one as soon as it exists. One restart per 2 s
     window: every other kill finds the budget spent, so the launcher leaves the sidecar down for the rest of the
