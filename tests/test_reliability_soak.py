@@ -26,7 +26,9 @@ from neoserve.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.test_reliability_common import rss_mib
 
 pytest_plugins = ["tests.test_reliability_common"]
-pytestmark = pytest.mark.slow
+# NOTE: the full tier (a minute of sending plus its server): cancellations, deadlines and overload run in the default
+# tier in test_reliability_faults.py and test_reliability_overload.py.
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 SOAK_REQUESTS = int(os.environ.get("NEOSERVE_SOAK_REQUESTS", "1500"))
 SOAK_TIME_S = float(os.environ.get("NEOSERVE_SOAK_TIME_S", "60"))
